@@ -1,0 +1,60 @@
+"""grpo_mel: memory-efficient LM-head math for GRPO (TRL) and beyond.
+
+Math (no trainer imports): :class:`MemoryEfficientLinear`, :func:`chunked_linear`, the transformation
+functions in :mod:`grpo_mel.functions`, chunk planning in :mod:`grpo_mel.planning`, peak-memory
+measurement in :mod:`grpo_mel.memory`. Integrations (imported lazily, they pull in TRL/transformers):
+:func:`patch_grpo` / :func:`unpatch_grpo` and friends in :mod:`grpo_mel.integrations`.
+"""
+
+from .functions import (
+    cross_entropy,
+    kl_to_reference,
+    linear_cross_entropy,
+    linear_token_logprobs,
+    mse_onehot,
+    token_entropy,
+    token_logprobs,
+    token_logprobs_and_entropy,
+    z_loss,
+)
+from .linear import MemoryEfficientLinear, chunked_linear
+from .memory import PeakMemory, peak_memory
+from .planning import plan_chunk_size
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "patch_grpo": "grpo_mel.integrations.trl_grpo",
+    "unpatch_grpo": "grpo_mel.integrations.trl_grpo",
+    "grpo_patched": "grpo_mel.integrations.trl_grpo",
+    "patch_causal_lm": "grpo_mel.integrations.causal_lm",
+    "unpatch_causal_lm": "grpo_mel.integrations.causal_lm",
+    "PeakMemoryCallback": "grpo_mel.integrations.callbacks",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'grpo_mel' has no attribute {name!r}")
+
+
+__all__ = [
+    "MemoryEfficientLinear",
+    "chunked_linear",
+    "plan_chunk_size",
+    "PeakMemory",
+    "peak_memory",
+    "cross_entropy",
+    "token_logprobs",
+    "token_entropy",
+    "token_logprobs_and_entropy",
+    "mse_onehot",
+    "kl_to_reference",
+    "z_loss",
+    "linear_cross_entropy",
+    "linear_token_logprobs",
+    *_LAZY,
+]

@@ -1,0 +1,180 @@
+"""Transformation functions f(z) for :func:`grpo_mel.chunked_linear`, in plain torch.
+
+Each takes a chunk's logits ``z`` ([c, V], in the model's dtype) first, then per-row arguments, and
+returns per-row values ([c]) or a tuple of them. Every one starts with :func:`prepare_logits`, which
+upcasts to float32 *before* any softmax (bf16 log-softmax over 128K entries loses several bits).
+None has a backward of its own: autograd differentiates them inside the chunked Function.
+
+Constants (temperature, ignore_index, softcap) are bound with keyword arguments, e.g.
+``functools.partial(token_logprobs, temperature=0.7)``; the front doors below do that for you.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .linear import chunked_linear
+
+__all__ = [
+    "prepare_logits",
+    "token_logprobs",
+    "token_entropy",
+    "token_logprobs_and_entropy",
+    "cross_entropy",
+    "mse_onehot",
+    "kl_to_reference",
+    "z_loss",
+    "linear_cross_entropy",
+    "linear_token_logprobs",
+    "check_labels",
+]
+
+
+def prepare_logits(
+    z: torch.Tensor, temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0
+) -> torch.Tensor:
+    """float32 logits as the model and TRL see them: ``z·scale``, then ``softcap·tanh(·/softcap)``, then ``/T``.
+
+    The order is the one of transformers' models (scale and softcapping inside the model's forward) followed
+    by TRL's temperature division.
+    """
+    z = z.float()
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    if temperature != 1.0:
+        z = z / temperature
+    return z
+
+
+def _safe_labels(labels: torch.Tensor, ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if ignore_index is None:
+        return labels.long(), None
+    valid = labels != ignore_index
+    return labels.masked_fill(~valid, 0).long(), valid
+
+
+def token_logprobs(z, labels, temperature=1.0, softcap=None, logit_scale=1.0, ignore_index=None):
+    """log p(label | row): ``log_softmax(z)[label]`` ([c]); 0 where ``labels == ignore_index``."""
+    logits = prepare_logits(z, temperature, softcap, logit_scale)
+    safe, valid = _safe_labels(labels, ignore_index)
+    lp = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return lp if valid is None else lp.masked_fill(~valid, 0.0)
+
+
+def token_entropy(z, temperature=1.0, softcap=None, logit_scale=1.0):
+    """Entropy of softmax(z) per row ([c]): ``logsumexp(z) - Σ softmax(z)·z``."""
+    logits = prepare_logits(z, temperature, softcap, logit_scale)
+    return torch.logsumexp(logits, dim=-1) - (logits.softmax(-1) * logits).sum(-1)
+
+
+def token_logprobs_and_entropy(z, labels, temperature=1.0, softcap=None, logit_scale=1.0, ignore_index=None):
+    """``(token_logprobs, token_entropy)`` from one float32 upcast and one log-softmax."""
+    logits = prepare_logits(z, temperature, softcap, logit_scale)
+    logp = logits.log_softmax(-1)
+    safe, valid = _safe_labels(labels, ignore_index)
+    lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    if valid is not None:
+        lp = lp.masked_fill(~valid, 0.0)
+    ent = -(logp.exp() * logp).sum(-1)
+    return lp, ent
+
+
+def cross_entropy(z, labels, ignore_index=-100, label_smoothing=0.0):
+    """Per-row cross-entropy ([c]), 0 at ignored rows; float32 as ``F.cross_entropy`` on upcast logits."""
+    return F.cross_entropy(
+        z.float(), labels.long(), ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
+
+
+def mse_onehot(z, labels):
+    """The seed notebook's second function, per row: ``mean_v (z_v - onehot(label)_v)²`` ([c])."""
+    logits = z.float()
+    onehot = torch.zeros_like(logits).scatter_(1, labels.long().view(-1, 1), 1.0)
+    return (logits - onehot).pow(2).mean(-1)
+
+
+def kl_to_reference(z, labels, ref_logprobs, temperature=1.0):
+    """GRPO's per-token KL estimate to a reference policy (k3): ``exp(r - p) - (r - p) - 1`` ([c]).
+
+    ``p`` is this row's log-prob of ``labels`` and ``r`` the reference's (``ref_logprobs``, [c]).
+    """
+    lp = token_logprobs(z, labels, temperature=temperature)
+    delta = ref_logprobs.float() - lp
+    return torch.exp(delta) - delta - 1.0
+
+
+def z_loss(z):
+    """PaLM's auxiliary z-loss per row: ``logsumexp(z)²`` ([c])."""
+    return torch.logsumexp(z.float(), dim=-1).pow(2)
+
+
+def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int | None = None) -> None:
+    """Raise ``ValueError`` if a label is outside ``[0, vocab_size)`` and is not ``ignore_index``.
+
+    On CUDA this reads two numbers back to the host (one synchronisation).
+    """
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.numel() == 0:
+        return
+    checked = labels if ignore_index is None else labels[labels != ignore_index]
+    if checked.numel() == 0:
+        return
+    lo, hi = int(checked.min()), int(checked.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        extra = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
+        raise ValueError(f"labels must be in [0, {vocab_size}){extra}; found {bad}")
+
+
+def linear_cross_entropy(
+    X, weight, labels, bias=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+    chunk_size=None, memory_budget=None,
+):
+    """Cross-entropy of ``X·Wᵀ + b`` against ``labels`` without the full logits.
+
+    ``reduction="mean"`` divides by the number of non-ignored labels over the whole batch (exact whatever
+    the chunking), ``"sum"`` sums, ``"none"`` returns per-row losses shaped like ``labels``.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    _check_row_labels(X, labels)
+    check_labels(labels, weight.shape[0], ignore_index)
+    fn = functools.partial(cross_entropy, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    per_row = chunked_linear(X, weight, fn, labels, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    return total / (labels != ignore_index).sum()
+
+
+def linear_token_logprobs(
+    X, weight, labels, bias=None, temperature=1.0, softcap=None, logit_scale=1.0, ignore_index=None,
+    with_entropy=False, chunk_size=None, memory_budget=None,
+):
+    """Per-token log-probs (and entropies if ``with_entropy``) of ``labels`` under ``softmax((X·Wᵀ+b)/T)``.
+
+    Returns a tensor shaped like ``labels`` (or a pair of them), float32.
+    """
+    _check_row_labels(X, labels)
+    check_labels(labels, weight.shape[0], ignore_index)
+    kw = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index)
+    fn = functools.partial(token_logprobs_and_entropy if with_entropy else token_logprobs, **kw)
+    return chunked_linear(X, weight, fn, labels, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget)
+
+
+def _check_row_labels(X, labels) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    if tuple(labels.shape) != tuple(X.shape[:-1]):
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but X has shape {tuple(X.shape)}; "
+            f"labels must have X's leading shape {tuple(X.shape[:-1])}"
+        )

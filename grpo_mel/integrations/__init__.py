@@ -1,0 +1,1 @@
+"""Integrations: TRL GRPOTrainer patch, transformers causal-LM patch, trainer callbacks."""

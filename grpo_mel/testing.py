@@ -1,0 +1,178 @@
+"""Small models, a tokenizer and a reward task made locally, for tests, examples and benchmarks.
+
+Nothing here downloads anything: the tokenizer is trained with ``tokenizers`` on generated arithmetic
+text, and models are built from configs with random weights (seeded). ``llama_1b_config()`` is the
+Llama-3.2-1B architecture (for memory measurements without the real weights).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+__all__ = [
+    "arithmetic_prompts",
+    "arithmetic_reward",
+    "format_reward",
+    "tiny_tokenizer",
+    "tiny_llama",
+    "tiny_gemma2",
+    "llama_1b_config",
+]
+
+
+def arithmetic_prompts(n: int, seed: int = 0, max_operand: int = 20) -> list[dict]:
+    """``n`` rows ``{"prompt": "12+7=", "answer": "19"}`` from a seeded generator."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        op = rng.choice("+-")
+        rows.append({"prompt": f"{a}{op}{b}=", "answer": str(a + b if op == "+" else a - b)})
+    return rows
+
+
+def arithmetic_reward(completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion's first whitespace-separated token is the right answer, else 0.0."""
+    out = []
+    for c, a in zip(completions, answer):
+        text = c if isinstance(c, str) else c[-1]["content"]
+        words = text.strip().split()
+        out.append(1.0 if words and words[0] == a else 0.0)
+    return out
+
+
+def format_reward(completions, **kwargs) -> list[float]:
+    """A graded reward that varies even for random models: the share of digit/sign characters (0..1)."""
+    out = []
+    for c in completions:
+        text = c if isinstance(c, str) else c[-1]["content"]
+        text = text.strip()
+        out.append(sum(ch.isdigit() or ch in "+-= " for ch in text) / max(len(text), 1))
+    return out
+
+
+def _corpus(n_lines: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = ["the", "sum", "of", "and", "is", "answer", "minus", "plus", "equals", "number", "question"]
+    lines = []
+    for _ in range(n_lines):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        # random letter strings give BPE enough distinct merges to reach vocabularies of a few thousand
+        junk = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 6))) for _ in range(4)]
+        lines.append(f"{a}+{b}={a + b} {a}-{b}={a - b} " + " ".join(rng.choices(words, k=6) + junk))
+    return lines
+
+
+def tiny_tokenizer(vocab_size: int = 1024, seed: int = 0):
+    """A ``PreTrainedTokenizerFast`` (BPE, byte-level) trained on generated text, with bos/eos/pad tokens.
+
+    ``len(tok)`` is at most ``vocab_size`` (BPE may learn fewer merges than asked on a small corpus);
+    build models with ``vocab_size=len(tok)`` or larger.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(4000, seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.padding_side = "left"
+    # A minimal chat template, for code paths that format conversations.
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    return fast
+
+
+def tiny_llama(
+    vocab_size: int = 1024,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer=None,
+):
+    """A ``LlamaForCausalLM`` with random (seeded) weights. Token ids come from ``tokenizer`` if given."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        **_token_ids(tokenizer),
+    )
+    return _build(LlamaForCausalLM, config, seed, dtype)
+
+
+def tiny_gemma2(vocab_size: int = 1024, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
+                dtype: torch.dtype = torch.float32, tokenizer=None, final_logit_softcapping: float = 5.0):
+    """A ``Gemma2ForCausalLM`` (tied embeddings, ``final_logit_softcapping``) with random weights."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        final_logit_softcapping=final_logit_softcapping,
+        attn_implementation="eager",
+        **_token_ids(tokenizer),
+    )
+    return _build(Gemma2ForCausalLM, config, seed, dtype)
+
+
+def llama_1b_config(tokenizer=None, vocab_size: int = 128256):
+    """The Llama-3.2-1B architecture: hidden 2048, 16 layers, 32/8 heads, vocab 128256, tied embeddings."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        **_token_ids(tokenizer),
+    )
+
+
+def _token_ids(tokenizer) -> dict:
+    if tokenizer is None:
+        return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _build(cls, config, seed, dtype):
+    torch.manual_seed(seed)
+    model = cls(config)
+    return model.to(dtype)

@@ -62,14 +62,15 @@ def token_logprobs(z, labels, temperature=1.0, softcap=None, logit_scale=1.0, ig
     """log p(label | row): ``log_softmax(z)[label]`` ([c]); 0 where ``labels == ignore_index``."""
     logits = prepare_logits(z, temperature, softcap, logit_scale)
     safe, valid = _safe_labels(labels, ignore_index)
-    lp = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    # log_softmax + gather: one fused pass forward and one backward (gather - logsumexp costs ~2x on CPU)
+    lp = logits.log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return lp if valid is None else lp.masked_fill(~valid, 0.0)
 
 
 def token_entropy(z, temperature=1.0, softcap=None, logit_scale=1.0):
-    """Entropy of softmax(z) per row ([c]): ``logsumexp(z) - Σ softmax(z)·z``."""
-    logits = prepare_logits(z, temperature, softcap, logit_scale)
-    return torch.logsumexp(logits, dim=-1) - (logits.softmax(-1) * logits).sum(-1)
+    """Entropy of softmax(z) per row ([c]): ``-Σ p·log p`` with ``log p = log_softmax(z)``."""
+    logp = prepare_logits(z, temperature, softcap, logit_scale).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def token_logprobs_and_entropy(z, labels, temperature=1.0, softcap=None, logit_scale=1.0, ignore_index=None):

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Run the whole test suite: the main pin (TRL 1.16) in .venv, then the older TRL pins.
+# Extra arguments go to pytest for the main run, e.g. `bash scripts/test.sh tests/core -x`.
+# GRPO_MEL_SKIP_PINS=1 skips the older-TRL runs.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="$(bash scripts/setup_env.sh)"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:-tests}"
+if [ "${GRPO_MEL_SKIP_PINS:-0}" != "1" ] && [ $# -eq 0 ] && [ -f scripts/test_trl_pins.sh ]; then
+  bash scripts/test_trl_pins.sh
+fi

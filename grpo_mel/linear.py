@@ -135,6 +135,7 @@ class MemoryEfficientLinear(torch.autograd.Function):
     def forward(ctx, X, weight, bias, fn, chunk_size, reduction, *row_args):
         # X: [N, H]; weight: [V, H]; bias: [V] or None; row_args: tensors with leading dim N
         n = X.shape[0]
+        rng = _get_rng_state(X.device)  # backward replays f's random draws (as torch.utils.checkpoint does)
         outs: list[torch.Tensor] | None = None
         scalar: list[bool] = []
         for start in range(0, n, chunk_size):
@@ -163,6 +164,7 @@ class MemoryEfficientLinear(torch.autograd.Function):
             outs = [torch.zeros((), dtype=r.dtype, device=r.device) if s else r.clone() for r, s in zip(res, scalar)]
 
         ctx.fn, ctx.chunk_size, ctx.reduction, ctx.scalar = fn, chunk_size, reduction, scalar
+        ctx.rng = rng
         ctx.has_bias = bias is not None
         ctx.n_row_args = len(row_args)
         ctx.save_for_backward(X, weight, bias, *row_args)
@@ -181,64 +183,94 @@ class MemoryEfficientLinear(torch.autograd.Function):
         n_in = 6 + ctx.n_row_args
         if not live:
             return (None,) * n_in
-        n, chunk = X.shape[0], ctx.chunk_size
 
         dX = torch.empty(X.shape, dtype=X.dtype, device=X.device) if need_x else None
         dW = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if (need_b and bias is not None) else None
         d_args = [torch.zeros_like(a) if need else None for a, need in zip(row_args, arg_needs)]
-        if n == 0:
+        if X.shape[0] == 0:
             return _pack_grads(dX, dW, db, weight, bias, d_args)
 
-        for start in range(0, n, chunk):
-            end = min(start + chunk, n)
-            x_c = X[start:end]
-            with torch.no_grad():
-                z = _chunk_logits(x_c, weight, bias)
-            z.requires_grad_(True)
-            args_c = [
-                a[start:end].detach().requires_grad_(True) if need else a[start:end]
-                for a, need in zip(row_args, arg_needs)
-            ]
-            with torch.enable_grad():
-                res = _as_tuple(ctx.fn(z, *args_c))
-            outputs, grads = [], []
-            for i in live:
-                r = res[i]
-                if not r.requires_grad:
-                    continue
-                g = grad_outs[i]
-                if ctx.scalar[i]:
-                    w = (end - start) / n if ctx.reduction == "mean" else 1.0
-                    g = g * w
-                else:
-                    g = g[start:end]
-                outputs.append(r)
-                grads.append(g.to(r.dtype))
-            if not outputs:
-                if dX is not None:
-                    dX[start:end].zero_()
-                continue
-            wrt = [z] + [a for a, need in zip(args_c, arg_needs) if need]
-            got = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
-            del res, outputs
-            dz = got[0]
-            for d_acc, g_a in zip([d for d in d_args if d is not None], got[1:]):
-                if g_a is not None:
-                    d_acc[start:end].copy_(g_a)
-            if dz is None:
-                if dX is not None:
-                    dX[start:end].zero_()
-                continue
-            dz = dz.to(weight.dtype)  # [c, V]
-            if dX is not None:
-                torch.mm(dz, weight, out=dX[start:end])  # [c, V] @ [V, H]
-            if dW is not None:
-                _addmm_fp32(dW, dz.t(), x_c)
-            if db is not None:
-                db.add_(dz.sum(0, dtype=torch.float32))
-            del dz, z, got
+        with _replayed_rng(X.device, ctx.rng):
+            _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live, dX, dW, db, d_args)
         return _pack_grads(dX, dW, db, weight, bias, d_args)
+
+
+def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live, dX, dW, db, d_args) -> None:
+    """Recompute each chunk with autograd on, differentiate f with the upstream gradients, apply the GEMMs."""
+    n, chunk = X.shape[0], ctx.chunk_size
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        x_c = X[start:end]
+        with torch.no_grad():
+            z = _chunk_logits(x_c, weight, bias)
+        z.requires_grad_(True)
+        args_c = [
+            a[start:end].detach().requires_grad_(True) if need else a[start:end]
+            for a, need in zip(row_args, arg_needs)
+        ]
+        with torch.enable_grad():
+            res = _as_tuple(ctx.fn(z, *args_c))
+        outputs, grads = [], []
+        for i in live:
+            r = res[i]
+            if not r.requires_grad:
+                continue
+            g = grad_outs[i]
+            if ctx.scalar[i]:
+                w = (end - start) / n if ctx.reduction == "mean" else 1.0
+                g = g * w
+            else:
+                g = g[start:end]
+            outputs.append(r)
+            grads.append(g.to(r.dtype))
+        if not outputs:
+            if dX is not None:
+                dX[start:end].zero_()
+            continue
+        wrt = [z] + [a for a, need in zip(args_c, arg_needs) if need]
+        got = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
+        del res, outputs
+        dz = got[0]
+        for d_acc, g_a in zip([d for d in d_args if d is not None], got[1:]):
+            if g_a is not None:
+                d_acc[start:end].copy_(g_a)
+        if dz is None:
+            if dX is not None:
+                dX[start:end].zero_()
+            continue
+        dz = dz.to(weight.dtype)  # [c, V]
+        if dX is not None:
+            torch.mm(dz, weight, out=dX[start:end])  # [c, V] @ [V, H]
+        if dW is not None:
+            _addmm_fp32(dW, dz.t(), x_c)
+        if db is not None:
+            db.add_(dz.sum(0, dtype=torch.float32))
+        del dz, z, got
+
+
+def _get_rng_state(device: torch.device):
+    cpu = torch.get_rng_state()
+    dev = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return cpu, dev
+
+
+class _replayed_rng:
+    """Run the backward's recomputation from the RNG state the forward started with, then restore."""
+
+    def __init__(self, device: torch.device, state):
+        self.device, self.state = device, state
+
+    def __enter__(self):
+        self.saved = _get_rng_state(self.device)
+        torch.set_rng_state(self.state[0])
+        if self.state[1] is not None:
+            torch.cuda.set_rng_state(self.state[1], self.device)
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.saved[0])
+        if self.saved[1] is not None:
+            torch.cuda.set_rng_state(self.saved[1], self.device)
 
 
 def _pack_grads(dX, dW, db, weight, bias, d_args):
@@ -292,7 +324,7 @@ def chunked_linear(
         bias: ``[V]`` or None.
         chunk_size: rows per chunk (>= 1; the last chunk may be smaller). None: from ``memory_budget``.
         memory_budget: bytes for the per-chunk working set when ``chunk_size`` is None; None uses the
-            default (a share of free memory on CUDA, 64 MiB on CPU). See :mod:`grpo_mel.planning`.
+            default (a share of free memory on CUDA, 128 MiB on CPU). See :mod:`grpo_mel.planning`.
         reduction: how 0-dim outputs combine across chunks: ``"mean"`` (weighted by each chunk's share
             of rows, exact for uneven chunks) or ``"sum"``. Per-row outputs are concatenated.
 

@@ -18,11 +18,14 @@ import numbers
 
 import torch
 
-#: float32 ``[rows, V]`` buffers alive at once in the backward of a typical f
-#: (upcast, log-softmax saved for backward, its gradient, the gradient of the upcast).
-LIVE_FP32_BUFFERS = 4
-#: Budget used on the CPU, and on CUDA when free memory cannot be read.
-DEFAULT_CPU_BUDGET_BYTES = 64 * 2**20
+#: float32 ``[rows, V]`` buffers alive at once in the backward of a typical f, besides the logits
+#: themselves. Measured with grpo_mel.memory at N=2048, H=256, V=32000 fp32 (docs/design.md): log-probs
+#: keep 4 ``[rows, V]`` fp32 buffers including the logits (log-softmax saved for backward, the gather's
+#: gradient, dZ), log-probs + entropy keep 6. 5 besides the logits covers both.
+LIVE_FP32_BUFFERS = 5
+#: Budget used on the CPU, and on CUDA when free memory cannot be read. On 2 CPU cores 128-256-row
+#: chunks at V=32000 were as fast as full logits, 64 rows and fewer measurably slower (GEMM efficiency).
+DEFAULT_CPU_BUDGET_BYTES = 128 * 2**20
 #: On CUDA with no explicit budget, this share of the currently free memory is used ...
 CUDA_FREE_FRACTION = 0.25
 #: ... but never more than this (larger chunks stop paying off once the GEMMs are saturated).

@@ -1,0 +1,119 @@
+"""Patched GRPOTrainer under DDP (accelerate, gloo, 2 CPU processes) = one process on the global batch.
+
+The parent builds a GRPOTrainer, generates one global batch (2 prompts x 4 completions, rewards that
+vary) and computes the reference loss gradients on all 8 rows, patched and unpatched. Each of two
+worker processes builds the same trainer under torch.distributed, wraps the model in DDP with the
+trainer's accelerator, and computes the patched loss on its 4 rows. With loss_type="grpo" (a mean of
+per-sequence means) and equal halves, DDP's gradient average is the global gradient, so every rank's
+synchronised gradient must equal the reference. The patch must go through the DDP wrapper's forward
+(forward redirection): calling the inner module directly would skip DDP's reducer set-up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+trl = pytest.importorskip("trl")
+
+import grpo_mel  # noqa: E402
+from grpo_mel import testing as gt  # noqa: E402
+
+WORLD = 2
+CHUNK = 7
+
+
+def _trainer(out_dir, model_path):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+        learning_rate=1e-3, report_to="none", use_cpu=True, save_strategy="no", seed=0, beta=0.0, bf16=False,
+        loss_type="grpo", max_steps=1, disable_dropout=True, logging_steps=1,
+    )
+    tok = gt.tiny_tokenizer(1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GRPOTrainer(
+            model=model_path, reward_funcs=[gt.format_reward], args=args,
+            train_dataset=Dataset.from_list(gt.arithmetic_prompts(8)), processing_class=tok,
+        )
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _worker(rank, port, work_dir):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+    )
+    torch.set_num_threads(1)
+    grpo_mel.patch_grpo(chunk_size=CHUNK)
+    trainer = _trainer(os.path.join(work_dir, f"out{rank}"), os.path.join(work_dir, "model"))
+    inputs = torch.load(os.path.join(work_dir, "inputs.pt"))
+    half = {k: (v[rank * 4:(rank + 1) * 4] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 8 else v)
+            for k, v in inputs.items()}
+    model = trainer.accelerator.prepare_model(trainer.model)
+    assert isinstance(model, torch.nn.parallel.DistributedDataParallel), type(model)
+    model.train()
+    loss = trainer.compute_loss(model, half)
+    trainer.accelerator.backward(loss)
+    torch.save({"loss": loss.detach(), "grads": _grads(model.module)}, os.path.join(work_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_patched_grpo_under_ddp_matches_single_process():
+    with tempfile.TemporaryDirectory() as d:
+        tok = gt.tiny_tokenizer(1024)
+        gt.tiny_llama(vocab_size=1024, tokenizer=tok).save_pretrained(os.path.join(d, "model"))
+        grpo_mel.unpatch_grpo()
+        trainer = _trainer(os.path.join(d, "out"), os.path.join(d, "model"))
+        ds = trainer.train_dataset
+        batch = [dict(ds[i]) for i in range(2) for _ in range(4)]
+        torch.manual_seed(1234)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inputs = trainer._generate_and_score_completions(batch)
+        assert inputs["advantages"].abs().sum() > 0, "rewards did not vary: the loss would be zero"
+        torch.save(inputs, os.path.join(d, "inputs.pt"))
+
+        trainer.model.train()
+        ref_unpatched = trainer.compute_loss(trainer.model, inputs)
+        ref_unpatched.backward()
+        g_unpatched = _grads(trainer.model)
+        trainer.model.zero_grad(set_to_none=True)
+        with grpo_mel.grpo_patched(chunk_size=CHUNK):
+            ref = trainer.compute_loss(trainer.model, inputs)
+            ref.backward()
+        g_ref = _grads(trainer.model)
+        for k in g_ref:  # patched single process = unpatched single process
+            torch.testing.assert_close(g_ref[k], g_unpatched[k], rtol=1e-5, atol=1e-6)
+
+        mp.start_processes(_worker, args=(_free_port(), d), nprocs=WORLD, start_method="spawn")
+        for rank in range(WORLD):
+            got = torch.load(os.path.join(d, f"rank{rank}.pt"))
+            assert got["grads"].keys() == g_ref.keys()
+            for k in g_ref:
+                torch.testing.assert_close(
+                    got["grads"][k], g_ref[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"rank {rank} {k}: {m}"
+                )
+        assert any(g.abs().max() > 0 for g in g_ref.values())

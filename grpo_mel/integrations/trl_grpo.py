@@ -1,0 +1,424 @@
+"""Patch TRL's ``GRPOTrainer`` so per-token log-probs never materialise the ``[B, T, V]`` logits.
+
+``patch_grpo()`` replaces the trainer's log-prob method (``_get_per_token_logps`` on TRL 0.15 - 0.19,
+``_get_per_token_logps_and_entropies`` from 0.20; see :mod:`grpo_mel.integrations._trl_compat`) with one that
+
+1. runs the model's backbone (through any DDP/FSDP/DeepSpeed wrapper's forward, by forward redirection) to the
+   last hidden states, without calling the LM head;
+2. keeps the hidden states that predict the completion tokens (``hidden[:, -K-1:-1]`` vs ``input_ids[:, -K:]``);
+3. computes the log-probs (and entropies) of the completion tokens with :func:`grpo_mel.chunked_linear` and the
+   LM head's weight (and bias), applying the model's logit scale / final softcapping and TRL's temperature.
+
+Signature and return type are those of the installed TRL's method, so every call site (policy, old policy,
+reference model, PEFT reference with adapters disabled, eval) goes through it. Inputs it does not handle
+(vision-language inputs, prompt-learning PEFT, a PEFT adapter on ``lm_head``) fall back to TRL's own method
+with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from ..functions import token_logprobs, token_logprobs_and_entropy
+from ..linear import chunked_linear
+from ..planning import validate_chunk_size, validate_memory_budget
+from ._trl_compat import TRLFlavour, UnsupportedTRLVersion, detect
+
+__all__ = ["patch_grpo", "unpatch_grpo", "grpo_patched", "is_patched", "UnsupportedTRLVersion"]
+
+_LOCK = threading.RLock()
+_STATE: dict[str, Any] = {
+    "cls": None,  # the patched class
+    "name": None,  # the patched attribute
+    "original": None,  # the exact original function object (from the class __dict__)
+    "had_own": False,  # whether the attribute was in the class's own __dict__
+    "flavour": None,
+    "options": {},
+}
+_WARNED: set[str] = set()
+
+_MM_KWARGS = (
+    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+
+def patch_grpo(
+    chunk_size: int | None = None,
+    memory_budget: float | None = None,
+    override_fused_head: bool = True,
+    trainer_cls=None,
+) -> None:
+    """Patch ``trl.GRPOTrainer`` (or ``trainer_cls``) to compute per-token log-probs with the chunked LM head.
+
+    Args:
+        chunk_size: rows (completion tokens) per chunk; None plans it from ``memory_budget``.
+        memory_budget: bytes for one chunk's working set when ``chunk_size`` is None (see :mod:`grpo_mel.planning`).
+        override_fused_head: on TRL >= 1.15 (which has its own fused LM head), route through grpo_mel (True, the
+            default: measured to use less memory, see docs/compatibility.md) or keep TRL's method (False).
+        trainer_cls: the class to patch (default ``trl.GRPOTrainer``).
+
+    Idempotent: a second call only updates the options. Raises :class:`UnsupportedTRLVersion` on a TRL whose
+    GRPOTrainer cannot be patched (< 0.15, or neither method present).
+    """
+    validate_chunk_size(chunk_size)
+    validate_memory_budget(memory_budget)
+    with _LOCK:
+        if trainer_cls is None:
+            from trl import GRPOTrainer as trainer_cls  # noqa: N813
+        flavour = detect(trainer_cls)
+        options = dict(chunk_size=chunk_size, memory_budget=memory_budget, override_fused_head=override_fused_head)
+        if _STATE["cls"] is not None:
+            if _STATE["cls"] is trainer_cls:
+                _STATE["options"] = options
+                return
+            unpatch_grpo()
+        name = flavour.method_name
+        had_own = name in vars(trainer_cls)
+        original = vars(trainer_cls)[name] if had_own else getattr(trainer_cls, name)
+        replacement = _make_replacement(original, flavour)
+        setattr(trainer_cls, name, replacement)
+        _STATE.update(cls=trainer_cls, name=name, original=original, had_own=had_own, flavour=flavour,
+                      options=options)
+
+
+def unpatch_grpo() -> None:
+    """Undo :func:`patch_grpo`: the class gets back the exact original function object. No-op if not patched."""
+    with _LOCK:
+        cls = _STATE["cls"]
+        if cls is None:
+            return
+        if _STATE["had_own"]:
+            setattr(cls, _STATE["name"], _STATE["original"])
+        else:
+            delattr(cls, _STATE["name"])
+        _STATE.update(cls=None, name=None, original=None, had_own=False, flavour=None, options={})
+
+
+def is_patched() -> bool:
+    return _STATE["cls"] is not None
+
+
+@contextlib.contextmanager
+def grpo_patched(chunk_size: int | None = None, memory_budget: float | None = None,
+                 override_fused_head: bool = True, trainer_cls=None):
+    """``with grpo_patched(chunk_size=...):`` patch for the block; restores the previous state on exit."""
+    with _LOCK:
+        was = is_patched()
+        prev_opts = dict(_STATE["options"])
+        prev_cls = _STATE["cls"]
+        patch_grpo(chunk_size=chunk_size, memory_budget=memory_budget, override_fused_head=override_fused_head,
+                   trainer_cls=trainer_cls)
+    try:
+        yield
+    finally:
+        with _LOCK:
+            if not was:
+                unpatch_grpo()
+            else:
+                if _STATE["cls"] is not prev_cls:
+                    unpatch_grpo()
+                    patch_grpo(trainer_cls=prev_cls, **prev_opts)
+                else:
+                    _STATE["options"] = prev_opts
+
+
+# --------------------------------------------------------------------------------------------------
+# the replacement method
+# --------------------------------------------------------------------------------------------------
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"grpo_mel: {msg}; falling back to TRL's own log-prob method.", stacklevel=3)
+
+
+def _make_replacement(original: Callable, flavour: TRLFlavour) -> Callable:
+    @functools.wraps(original)
+    def _grpo_mel_per_token_logps(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        call = _bind(flavour, args, kwargs)
+        if call is None:  # an argument this version's method should not get: let TRL raise/handle it
+            return original(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        reason = _fallback_reason(self, model, call, flavour)
+        if reason is not None:
+            _warn_once(reason, reason)
+            return original(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        if flavour.fused_head and not _STATE["options"].get("override_fused_head", True):
+            return original(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        return _compute(self, model, input_ids, attention_mask, logits_to_keep, call, flavour)
+
+    _grpo_mel_per_token_logps._grpo_mel_patched = True
+    return _grpo_mel_per_token_logps
+
+
+def _bind(flavour: TRLFlavour, args: tuple, kwargs: dict) -> dict | None:
+    """Normalise the optional arguments of the method (batch_size, compute_entropy, compute_aux_loss, mm kwargs)."""
+    names = []
+    if flavour.has_batch_size:
+        names.append("batch_size")
+    if flavour.returns != "tensor":
+        names.append("compute_entropy")
+    if flavour.returns == "triple":
+        names.append("compute_aux_loss")
+    if len(args) > len(names) + len(_MM_KWARGS):
+        return None
+    call = dict(batch_size=None, compute_entropy=False, compute_aux_loss=False)
+    for n, a in zip(names + list(_MM_KWARGS), args):
+        call[n] = a
+    for k, v in kwargs.items():
+        if k in call or k in _MM_KWARGS:
+            call[k] = v
+        else:
+            return None
+    return call
+
+
+def _unwrap(trainer, model):
+    acc = getattr(trainer, "accelerator", None)
+    if acc is not None:
+        try:
+            return acc.unwrap_model(model)
+        except Exception:  # pragma: no cover
+            pass
+    return model
+
+
+def _is_peft(m) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(m, PeftModel)
+
+
+def _causal_lm(unwrapped):
+    return unwrapped.get_base_model() if _is_peft(unwrapped) else unwrapped
+
+
+def _fallback_reason(trainer, model, call: dict, flavour: TRLFlavour) -> str | None:
+    if any(call.get(k) is not None for k in _MM_KWARGS):
+        return "vision-language / multimodal inputs (pixel_values etc.) are not handled by the chunked LM head"
+    unwrapped = _unwrap(trainer, model)
+    if _is_peft(unwrapped):
+        cfg = getattr(unwrapped, "active_peft_config", None)
+        if cfg is not None and getattr(cfg, "is_prompt_learning", False):
+            return "prompt-learning PEFT (virtual tokens) is not handled by the chunked LM head"
+    lm = _causal_lm(unwrapped)
+    config = getattr(lm, "config", None)
+    if config is None or not hasattr(lm, "get_output_embeddings"):
+        return f"{type(lm).__name__} is not a transformers causal LM"
+    if hasattr(config, "get_text_config") and config.get_text_config() is not config:
+        return f"{type(lm).__name__} is a vision-language model"
+    head = lm.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        return f"{type(lm).__name__} has no plain LM head weight"
+    if type(head).__module__.startswith("peft"):
+        return "the LM head carries a PEFT adapter (e.g. LoRA on lm_head or modules_to_save)"
+    if getattr(head.weight, "quant_state", None) is not None or not head.weight.is_floating_point():
+        return "the LM head weight is quantized"
+    prefix = getattr(lm, "base_model_prefix", "")
+    backbone = getattr(lm, prefix, None) if prefix else None
+    if backbone is None or backbone is lm:
+        return f"{type(lm).__name__} exposes no backbone (base_model_prefix={prefix!r})"
+    return None
+
+
+def _logit_transform(config) -> tuple[float | None, float]:
+    """(final softcap, logit scale) from the text config, as TRL 1.16's ``add_fused_lm_head`` reads them."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        ls = text_config.logits_scaling
+        scale = ls if getattr(text_config, "model_type", "") == "hyperclovax" else 1 / ls
+    return softcap, 1.0 if scale is None else float(scale)
+
+
+def _redirect(wrapper, inner, method: Callable, *args, **kwargs):
+    """Call ``method(*args)`` inside ``wrapper``'s forward (DDP/FSDP/DeepSpeed hooks run), like TRL's Liger path."""
+    had_own = "forward" in vars(inner)
+    saved = vars(inner).get("forward")
+
+    def restore():
+        if had_own:
+            inner.forward = saved
+        else:
+            inner.__dict__.pop("forward", None)
+
+    def redirected(*a, **k):
+        restore()
+        return method(*a, **k)
+
+    inner.forward = redirected
+    try:
+        return wrapper(*args, **kwargs)
+    finally:
+        restore()
+
+
+@contextlib.contextmanager
+def _gathered(*params):
+    """All-gather ZeRO-3 partitioned LM head params for a direct read (no-op otherwise)."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+        z3 = is_deepspeed_zero3_enabled()
+    except Exception:  # pragma: no cover
+        z3 = False
+    if not z3:
+        yield False
+        return
+    import deepspeed  # pragma: no cover - needs DeepSpeed ZeRO-3
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # pragma: no cover
+
+    todo = [p for p in params if p is not None and getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+    if not todo:  # pragma: no cover
+        yield True
+        return
+    with deepspeed.zero.GatheredParameters(todo, modifier_rank=None):  # pragma: no cover
+        yield True
+
+
+def _compute(trainer, model, input_ids, attention_mask, logits_to_keep, call: dict, flavour: TRLFlavour):
+    unwrapped = _unwrap(trainer, model)
+    call = dict(call, _unwrapped=unwrapped)
+    inner = functools.partial(_score, trainer, flavour, call, logits_to_keep)
+    if model is not unwrapped or getattr(trainer, "is_fsdp_enabled", False):
+        outs = _redirect(model, unwrapped, inner, input_ids, attention_mask)
+    else:
+        outs = inner(input_ids, attention_mask)
+    logps, entropies, aux = outs
+    if flavour.returns == "tensor":
+        return logps
+    if flavour.returns == "pair":
+        return logps, entropies
+    return logps, entropies, aux
+
+
+def _autocast_ctx(trainer):
+    acc = getattr(trainer, "accelerator", None)
+    return acc.autocast() if acc is not None else contextlib.nullcontext()
+
+
+def _score(trainer, flavour, call, logits_to_keep, input_ids, attention_mask):
+    model = call["_unwrapped"]
+    lm = _causal_lm(model)
+    backbone = getattr(lm, lm.base_model_prefix)
+    head = lm.get_output_embeddings()
+    softcap, scale = _logit_transform(lm.config)
+    temperature = float(getattr(trainer, "temperature", 1.0)) if flavour.uses_temperature else 1.0
+    entropy = bool(call.get("compute_entropy"))
+    entropy_grad = entropy and bool(getattr(trainer, "_entropy_bonus_enabled", False))
+    aux_wanted = bool(call.get("compute_aux_loss"))
+    fp32_head = bool(getattr(getattr(trainer, "args", None), "cast_lm_head_to_fp32", False))
+    opts = _STATE["options"]
+    bs = call.get("batch_size") or input_ids.size(0)
+    K = logits_to_keep
+
+    all_lp, all_ent, all_aux = [], [], []
+    for start in range(0, input_ids.size(0), bs):
+        end = min(start + bs, input_ids.size(0))
+        ids, am = input_ids[start:end], attention_mask[start:end]
+        kw = dict(input_ids=ids, attention_mask=am, use_cache=False)
+        if aux_wanted:
+            kw["output_router_logits"] = True
+        with _autocast_ctx(trainer):
+            out = backbone(**kw)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        hidden = hidden[:, :-1][:, -K:]  # position t predicts token t+1
+        labels = ids[:, -K:]
+        comp_mask = am[:, -K:]
+        weight, bias = head.weight, head.bias
+        dtype = _head_dtype(hidden, weight, fp32_head)
+        with torch.autocast(hidden.device.type, enabled=False), _gathered(weight, bias) as z3:
+            weight, bias = _full(weight), _full(bias)
+            if z3:  # keep a gathered copy alive for the backward's recompute; grads still reach the param
+                weight = weight.clone()
+                bias = bias.clone() if bias is not None else None
+            hidden = hidden.to(device=weight.device, dtype=dtype)
+            w = weight if weight.dtype == dtype else weight.to(dtype)
+            b = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
+            lab = labels.to(weight.device)
+            ignore = None
+            if flavour.masks_padding:
+                lab = lab.masked_fill(comp_mask.to(lab.device) == 0, -100)
+                ignore = -100
+            fkw = dict(temperature=temperature, softcap=softcap, logit_scale=scale, ignore_index=ignore)
+            if entropy:
+                lp, ent = chunked_linear(hidden, w, functools.partial(token_logprobs_and_entropy, **fkw), lab,
+                                         bias=b, chunk_size=opts.get("chunk_size"),
+                                         memory_budget=opts.get("memory_budget"))
+                if not entropy_grad:
+                    ent = ent.detach()
+                if flavour.masks_padding:
+                    ent = ent.masked_fill(comp_mask.to(ent.device) == 0, 0.0)
+                all_ent.append(ent)
+            else:
+                lp = chunked_linear(hidden, w, functools.partial(token_logprobs, **fkw), lab, bias=b,
+                                    chunk_size=opts.get("chunk_size"), memory_budget=opts.get("memory_budget"))
+        all_lp.append(lp)
+        if aux_wanted:
+            all_aux.append(_aux_loss(lm, out, am))
+    logps = torch.cat(all_lp, 0)
+    ents = torch.cat(all_ent, 0) if entropy else None
+    aux = torch.stack(all_aux).mean() if aux_wanted else None
+    return logps, ents, aux
+
+
+def _head_dtype(hidden, weight, fp32_head: bool) -> torch.dtype:
+    """The dtype the LM head matmul runs in, as the model's own ``lm_head(hidden)`` would under the same context."""
+    if fp32_head:
+        return torch.float32
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev) if _autocast_takes_device() else torch.is_autocast_enabled():
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+@functools.lru_cache(None)
+def _autocast_takes_device() -> bool:
+    try:
+        torch.is_autocast_enabled("cpu")
+        return True
+    except TypeError:  # pragma: no cover - old torch
+        return False
+
+
+def _full(t):
+    if t is None:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _aux_loss(lm, out, attention_mask):
+    """MoE load-balancing loss as the model's own forward (and TRL's fused head) computes it."""
+    router_logits = getattr(out, "router_logits", None)
+    if router_logits is None:
+        raise RuntimeError(
+            f"grpo_mel: compute_aux_loss=True but {type(lm).__name__}'s backbone returned no router_logits; "
+            "this model's MoE auxiliary loss is not supported by the chunked path. Call "
+            "grpo_mel.unpatch_grpo() or set router_aux_loss_coef=0."
+        )
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    n_exp = getattr(lm, "num_experts", None) or getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts")
+    top_k = getattr(lm, "num_experts_per_tok", None) or getattr(cfg, "num_experts_per_tok")
+    return load_balancing_loss_func(router_logits, n_exp, top_k, attention_mask)

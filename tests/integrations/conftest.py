@@ -1,0 +1,202 @@
+"""Helpers for the TRL GRPOTrainer integration tests: tiny local models, a real GRPOTrainer, parity utilities.
+
+Everything is built locally (grpo_mel.testing): a BPE tokenizer trained on generated text (V = 1024), tiny
+Llama / Gemma2 models with random seeded weights, arithmetic prompts and the graded ``format_reward`` (varies
+even for a random model, so advantages and the loss are non-zero).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import warnings
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+trl = pytest.importorskip("trl")
+
+from packaging.version import Version  # noqa: E402
+
+import grpo_mel  # noqa: E402
+from grpo_mel import testing as gt  # noqa: E402
+
+TRL_VERSION = Version(trl.__version__)
+CHUNK = 7  # several chunks, an uneven last one, for every test below
+
+
+@pytest.fixture(autouse=True)
+def _always_unpatched():
+    grpo_mel.unpatch_grpo()
+    yield
+    grpo_mel.unpatch_grpo()
+
+
+@functools.lru_cache(None)
+def tokenizer(vocab_size: int = 1024):
+    return gt.tiny_tokenizer(vocab_size)
+
+
+def dataset(n: int = 8, seed: int = 0):
+    from datasets import Dataset
+
+    return Dataset.from_list(gt.arithmetic_prompts(n, seed=seed))
+
+
+def _config_fields():
+    from trl import GRPOConfig
+
+    return {f.name for f in dataclasses.fields(GRPOConfig)}
+
+
+def grpo_config(tmp_path, **overrides):
+    """A small, CPU, fp32 GRPOConfig; keys the installed TRL does not know are dropped (or must be defaults)."""
+    from trl import GRPOConfig
+
+    kw = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=10,
+        max_prompt_length=16,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        bf16=False,
+        fp16=False,
+        beta=0.0,
+        loss_type="grpo",
+        temperature=1.0,
+        num_iterations=1,
+        gradient_accumulation_steps=1,
+        max_steps=2,
+        dataloader_num_workers=0,
+        disable_dropout=True,
+        log_completions=False,
+        shuffle_dataset=False,
+    )
+    kw.update(overrides)
+    fields = _config_fields()
+    required = {"top_entropy_quantile": 1.0, "cast_lm_head_to_fp32": False, "entropy_coef": 0.0}
+    for k in list(kw):
+        if k not in fields:
+            if k in required and kw[k] != required[k]:
+                pytest.skip(f"TRL {trl.__version__} has no GRPOConfig.{k}")
+            kw.pop(k)
+    return GRPOConfig(**kw)
+
+
+def make_model(kind: str = "llama", tied: bool = False, vocab_size: int = 1024, hidden: int = 64):
+    tok = tokenizer()
+    V = max(vocab_size, len(tok))
+    if kind == "llama":
+        return gt.tiny_llama(vocab_size=V, hidden_size=hidden, tie_word_embeddings=tied, tokenizer=tok)
+    if kind == "gemma2":
+        return gt.tiny_gemma2(vocab_size=V, hidden_size=hidden, tokenizer=tok)
+    raise ValueError(kind)
+
+
+def make_trainer(tmp_path, model=None, peft_config=None, n_prompts: int = 8, **cfg):
+    from trl import GRPOTrainer
+
+    if model is None:
+        model = make_model()
+    if not isinstance(model, str) and peft_config is None:  # TRL builds the reference from the path: hand it one
+        path = os.path.join(str(tmp_path), "model")
+        model.save_pretrained(path)
+        model = path
+    args = grpo_config(tmp_path, **cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[gt.format_reward],
+            args=args,
+            train_dataset=dataset(n_prompts),
+            processing_class=tokenizer(),
+            peft_config=peft_config,
+        )
+    trainer.model.train()
+    # set by Trainer.train(); compute_loss reads it on recent TRL
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+    return trainer
+
+
+def generation_batch(trainer, n_prompts: int = 1):
+    """Rows as the RepeatSampler hands them: each prompt repeated num_generations times."""
+    G = trainer.num_generations if hasattr(trainer, "num_generations") else trainer.args.num_generations
+    ds = trainer.train_dataset
+    return [dict(ds[i]) for i in range(n_prompts) for _ in range(G)]
+
+
+def generate(trainer, batch, seed: int = 1234):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return trainer._generate_and_score_completions(batch)
+
+
+def trainable(trainer):
+    return {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def loss_and_grads(trainer, inputs):
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in trainable(trainer).items()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def assert_grads_close(g_ref, g_new, rtol=1e-5, atol=1e-6):
+    assert g_ref.keys() == g_new.keys()
+    n_nonzero = 0
+    for k in g_ref:
+        a, b = g_ref[k], g_new[k]
+        assert (a is None) == (b is None), k
+        if a is None:
+            continue
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, k=k: f"grad of {k}: {m}")
+        n_nonzero += int(a.abs().max() > 0)
+    assert n_nonzero > 0, "all gradients are zero: the test would not detect anything"
+
+
+def inputs_equal_keys(a: dict, b: dict, keys):
+    for k in keys:
+        if k in a or k in b:
+            va, vb = a.get(k), b.get(k)
+            if isinstance(va, torch.Tensor):
+                torch.testing.assert_close(vb, va, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"inputs[{k!r}]: {m}")
+            else:
+                assert va == vb, k
+
+
+@contextlib.contextmanager
+def count_calls(obj, name):
+    """Count calls of ``obj.name`` (a module attribute), passing through."""
+    orig = getattr(obj, name)
+    box = {"n": 0}
+
+    @functools.wraps(orig)
+    def spy(*a, **k):
+        box["n"] += 1
+        return orig(*a, **k)
+
+    setattr(obj, name, spy)
+    try:
+        yield box
+    finally:
+        setattr(obj, name, orig)
+
+
+needs_trl = pytest.mark.trl

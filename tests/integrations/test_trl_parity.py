@@ -1,0 +1,152 @@
+"""Gradient parity of the patched GRPOTrainer against unpatched TRL, on one trainer and the same inputs.
+
+For each configuration: generate (same seed) unpatched and patched -> identical completion ids, the old-policy and
+reference log-probs and advantages match; then ``compute_loss`` + backward on the same prepared inputs -> the loss
+and every trainable parameter's gradient match at fp32 tolerance (rtol 1e-5, atol 1e-6). chunk_size=7 so the
+1024-way vocabulary head runs over several chunks with an uneven last one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import grpo_mel
+from grpo_mel.integrations import _trl_compat, trl_grpo
+
+from .conftest import (
+    CHUNK,
+    assert_grads_close,
+    count_calls,
+    generate,
+    generation_batch,
+    loss_and_grads,
+    make_model,
+    make_trainer,
+)
+
+pytestmark = pytest.mark.trl
+
+CASES = {
+    "untied-grpo-beta0": dict(),
+    "tied-drgrpo-beta-T07-iter2": dict(tied=True, beta=0.04, temperature=0.7, loss_type="dr_grpo", num_iterations=2),
+    # a random model's entropies all sit ~1e-4 below log(V): sharpen the head so the entropy quantile mask is not
+    # decided by 1e-6 rounding differences (ties), which would make any two correct implementations disagree
+    "untied-dapo-topentropy": dict(loss_type="dapo", top_entropy_quantile=0.5, temperature=1.3, head_scale=40.0),
+    "untied-bnpo-beta": dict(loss_type="bnpo", beta=0.04),
+    "gemma2-softcap-T07-beta": dict(kind="gemma2", temperature=0.7, beta=0.04),
+    "lora-beta-iter2": dict(lora=True, beta=0.04, num_iterations=2, temperature=0.9),
+    "entropy-bonus": dict(entropy_coef=0.05, temperature=0.8),
+    "cast-lm-head-fp32-tied": dict(tied=True, cast_lm_head_to_fp32=True, beta=0.04),
+}
+
+
+def _build(tmp_path, case):
+    cfg = dict(CASES[case]) if isinstance(case, str) else dict(case)
+    kind, tied, lora = cfg.pop("kind", "llama"), cfg.pop("tied", False), cfg.pop("lora", False)
+    head_scale = cfg.pop("head_scale", None)
+    model = make_model(kind, tied=tied)
+    if head_scale is not None:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(head_scale)
+    peft_config = None
+    if lora:
+        peft = pytest.importorskip("peft")
+        peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    return make_trainer(tmp_path, model=model, peft_config=peft_config, **cfg)
+
+
+def _method(trainer):
+    f = _trl_compat.detect()
+    return f, getattr(trainer, f.method_name)
+
+
+def check_parity(trainer, n_prompts=2):
+    batch = generation_batch(trainer, n_prompts)
+    ref_inputs = generate(trainer, batch)
+    ref_loss, ref_grads = loss_and_grads(trainer, ref_inputs)
+    with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
+        new_inputs = generate(trainer, batch)
+        n_gen = spy["n"]
+        new_loss, new_grads = loss_and_grads(trainer, new_inputs)
+        assert spy["n"] > n_gen, "the patched path did not run for the policy"
+    # generation is untouched and seeded: identical completions
+    assert torch.equal(ref_inputs["completion_ids"], new_inputs["completion_ids"])
+    adv = ref_inputs["advantages"]
+    assert adv.abs().max() > 0, "rewards did not vary: the loss would not test anything"
+    torch.testing.assert_close(new_inputs["advantages"], adv)
+    for k in ("old_per_token_logps", "ref_per_token_logps"):
+        a, b = ref_inputs.get(k), new_inputs.get(k)
+        assert (a is None) == (b is None), k
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}")
+    torch.testing.assert_close(new_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(ref_grads, new_grads)
+    return ref_inputs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_grpo_gradient_parity(tmp_path, case):
+    trainer = _build(tmp_path, case)
+    inputs = check_parity(trainer)
+    # the method's own outputs, entropies included, on the same inputs
+    f, _ = _method(trainer)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    K = inputs["completion_ids"].size(1)
+    kw = {} if f.returns == "tensor" else {"compute_entropy": True}
+    with torch.no_grad():
+        want = getattr(trainer, f.method_name)(trainer.model, ids, am, K, **kw)
+        with grpo_mel.grpo_patched(chunk_size=CHUNK):
+            got = getattr(trainer, f.method_name)(trainer.model, ids, am, K, **kw)
+    if f.returns == "tensor":
+        want, got = (want,), (got,)
+    assert type(want) is type(got) and len(want) == len(got)
+    for a, b in zip(want, got):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape
+            # the sharpened head (head_scale=40) has logits in the hundreds: fp32 logsumexp rounding is ~1e-5 there
+            torch.testing.assert_close(b.float(), a.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_4bit_parity(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = tmp_path / "fp"
+    make_model().save_pretrained(path)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
+    import transformers
+    from packaging.version import Version
+
+    # transformers < 4.56 names it torch_dtype (and would silently default a 4-bit model to float16)
+    dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, **{dtype_kw: torch.float32})
+    except Exception as e:  # pragma: no cover - bitsandbytes without CPU 4-bit
+        pytest.skip(f"4-bit loading unavailable on this CPU stack: {e}")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert model.lm_head.weight.dtype == torch.float32
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    trainer = make_trainer(tmp_path, model=model, peft_config=cfg, beta=0.04, temperature=0.7)
+    check_parity(trainer)
+
+
+def test_parity_fails_when_the_patch_is_wrong(tmp_path, monkeypatch):
+    """Sanity: the parity check catches a wrong temperature (so it is not vacuous)."""
+    trainer = _build(tmp_path, dict(temperature=0.7, beta=0.04))
+    monkeypatch.setattr(trainer, "temperature", 0.7)
+    real = trl_grpo._score
+
+    def wrong_temperature(tr, flavour, call, *a):
+        tr.temperature = 0.71
+        try:
+            return real(tr, flavour, call, *a)
+        finally:
+            tr.temperature = 0.7
+
+    monkeypatch.setattr(trl_grpo, "_score", wrong_temperature)
+    with pytest.raises(AssertionError):
+        check_parity(trainer)

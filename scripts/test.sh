@@ -8,5 +8,5 @@ cd "$root"
 venv="$(bash scripts/setup_env.sh)"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:-tests}"
 if [ "${GRPO_MEL_SKIP_PINS:-0}" != "1" ] && [ $# -eq 0 ] && [ -f scripts/test_trl_pins.sh ]; then
-  bash scripts/test_trl_pins.sh
+  SKIP_MAIN=1 bash scripts/test_trl_pins.sh  # TRL 0.19.1 and 1.14.2, each in its own venv
 fi

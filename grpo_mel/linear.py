@@ -135,7 +135,10 @@ class MemoryEfficientLinear(torch.autograd.Function):
     def forward(ctx, X, weight, bias, fn, chunk_size, reduction, *row_args):
         # X: [N, H]; weight: [V, H]; bias: [V] or None; row_args: tensors with leading dim N
         n = X.shape[0]
-        rng = _get_rng_state(X.device)  # backward replays f's random draws (as torch.utils.checkpoint does)
+        # backward replays f's random draws and the autocast state (as torch.utils.checkpoint does), so the
+        # recomputed chunk is the one forward computed (e.g. a bf16 matmul under autocast, not an fp32 one)
+        rng = _get_rng_state(X.device)
+        autocast = _autocast_state(X.device)
         outs: list[torch.Tensor] | None = None
         scalar: list[bool] = []
         for start in range(0, n, chunk_size):
@@ -164,7 +167,7 @@ class MemoryEfficientLinear(torch.autograd.Function):
             outs = [torch.zeros((), dtype=r.dtype, device=r.device) if s else r.clone() for r, s in zip(res, scalar)]
 
         ctx.fn, ctx.chunk_size, ctx.reduction, ctx.scalar = fn, chunk_size, reduction, scalar
-        ctx.rng = rng
+        ctx.rng, ctx.autocast = rng, autocast
         ctx.has_bias = bias is not None
         ctx.n_row_args = len(row_args)
         ctx.save_for_backward(X, weight, bias, *row_args)
@@ -202,14 +205,14 @@ def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live,
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         x_c = X[start:end]
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(**ctx.autocast):
             z = _chunk_logits(x_c, weight, bias)
         z.requires_grad_(True)
         args_c = [
             a[start:end].detach().requires_grad_(True) if need else a[start:end]
             for a, need in zip(row_args, arg_needs)
         ]
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):
             res = _as_tuple(ctx.fn(z, *args_c))
         outputs, grads = [], []
         for i in live:
@@ -247,6 +250,16 @@ def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live,
         if db is not None:
             db.add_(dz.sum(0, dtype=torch.float32))
         del dz, z, got
+
+
+def _autocast_state(device: torch.device) -> dict:
+    kind = device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+    return {
+        "device_type": kind,
+        "enabled": torch.is_autocast_enabled(kind),
+        "dtype": torch.get_autocast_dtype(kind),
+        "cache_enabled": torch.is_autocast_cache_enabled(),
+    }
 
 
 def _get_rng_state(device: torch.device):

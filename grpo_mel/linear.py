@@ -164,7 +164,7 @@ class MemoryEfficientLinear(torch.autograd.Function):
             z = _chunk_logits(X[:0], weight, bias)
             res = _as_tuple(fn(z, *(a[:0] for a in row_args)))
             scalar = [r.dim() == 0 for r in res]
-            outs = [torch.zeros((), dtype=r.dtype, device=r.device) if s else r.clone() for r, s in zip(res, scalar)]
+            outs = [torch.zeros((), dtype=_acc_dtype(r), device=r.device) if s else r.clone() for r, s in zip(res, scalar)]
 
         ctx.fn, ctx.chunk_size, ctx.reduction, ctx.scalar = fn, chunk_size, reduction, scalar
         ctx.rng, ctx.autocast = rng, autocast

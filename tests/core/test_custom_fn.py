@@ -1,0 +1,199 @@
+"""Transformation functions the library has never seen: autograd differentiates them, nothing is hand-written.
+
+Each f here is written in the test only; the chunked path has to get outputs and gradients right for it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grpo_mel import chunked_linear
+
+from .conftest import ChunkRecorder, assert_close_fp32, grads, leaf_clone, make_inputs, naive_apply, random_weights
+
+H, V = 12, 37
+
+
+def squared_weighted_logprob(z, w):
+    """``(log_softmax(z.float()) · w).sum(-1)²`` with a per-row weight vector w [c, V]."""
+    return ((F.log_softmax(z.float(), -1) * w).sum(-1)) ** 2
+
+
+def tuple_row_and_scalar(z, labels):
+    """(per-row max-margin [c], a 0-dim scalar: mean CE over the chunk)."""
+    zf = z.float()
+    top = zf.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    margin = torch.logsumexp(zf, -1) - top
+    return margin, F.cross_entropy(zf, labels, reduction="mean")
+
+
+def _compare(f, X, W, row_args, *, b=None, chunk_size=4, reduction="mean", weights=None, ref_f=None):
+    """ours vs naive for f with random upstream weights; gradients w.r.t. X, W, b and every float row arg."""
+    ref_f = ref_f or f
+    sides = {}
+    for side in ("ours", "ref"):
+        Xs, Ws, bs = leaf_clone(X), leaf_clone(W), leaf_clone(b)
+        args = [leaf_clone(a) if a.is_floating_point() else a for a in row_args]
+        if side == "ours":
+            out = chunked_linear(Xs, Ws, f, *args, bias=bs, chunk_size=chunk_size, reduction=reduction)
+        else:
+            out = naive_apply(Xs, Ws, ref_f, *args, bias=bs)
+        outs = out if isinstance(out, tuple) else (out,)
+        ws = weights or [random_weights(o.shape, seed=20 + k) for k, o in enumerate(outs)]
+        loss = sum((o * w).sum() for o, w in zip(outs, ws))
+        sides[side] = (outs, grads(loss, [Xs, Ws, bs, *args]))
+    (o_outs, o_g), (r_outs, r_g) = sides["ours"], sides["ref"]
+    assert len(o_outs) == len(r_outs)
+    for k, (o, r) in enumerate(zip(o_outs, r_outs)):
+        assert o.shape == r.shape, f"output {k}"
+        assert_close_fp32(o, r, what=f"output {k}")
+    for k, (go, gr) in enumerate(zip(o_g, r_g)):
+        assert_close_fp32(go, gr, what=f"grad of input {k}")
+    return sides
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 11, 100])
+@pytest.mark.parametrize("lead", [(11,), (2, 3, 4)], ids=["2d", "4d"])
+def test_squared_weighted_logprob(lead, chunk_size):
+    X, W, b, _ = make_inputs(lead, H, V, bias=True)
+    w = torch.randn(*lead, V)  # per-row argument with a trailing dim, not requiring grad
+    _compare(squared_weighted_logprob, X, W, [w], b=b, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 100])
+def test_row_arg_requiring_grad(chunk_size):
+    """The per-row weights require grad: their gradient comes back through the chunked Function too."""
+    X, W, _, _ = make_inputs((3, 5), H, V)
+    w = torch.randn(3, 5, V, requires_grad=True)
+    sides = _compare(squared_weighted_logprob, X, W, [w], chunk_size=chunk_size)
+    dw = sides["ours"][1][3]
+    assert dw is not None and dw.shape == w.shape and dw.abs().sum() > 0
+
+
+def test_row_arg_requiring_grad_via_backward():
+    """Same through .backward(): w.grad is populated (and equals the naive one)."""
+    X, W, _, _ = make_inputs((9,), H, V)
+    w = torch.randn(9, V, requires_grad=True)
+    scale = torch.randn(9, requires_grad=True)
+
+    def f(z, w, s):
+        return (F.log_softmax(z.float(), -1) * w).sum(-1) * s.exp()
+
+    chunked_linear(X, W, f, w, scale, chunk_size=2).sum().backward()
+    Xr, Wr, wr, sr = leaf_clone(X), leaf_clone(W), leaf_clone(w), leaf_clone(scale)
+    naive_apply(Xr, Wr, f, wr, sr).sum().backward()
+    for a, r, n in ((X.grad, Xr.grad, "dX"), (W.grad, Wr.grad, "dW"), (w.grad, wr.grad, "dw"),
+                    (scale.grad, sr.grad, "dscale")):
+        assert_close_fp32(a, r, what=n)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 30])
+def test_tuple_of_row_and_scalar_mean(chunk_size):
+    """A per-row tensor and a chunk-mean scalar; reduction='mean' must weight the uneven last chunk (N=13)."""
+    X, W, b, labels = make_inputs((13,), H, V, bias=True)
+    sides = _compare(tuple_row_and_scalar, X, W, [labels], b=b, chunk_size=chunk_size, reduction="mean")
+    assert sides["ours"][0][1].dim() == 0
+
+
+def test_scalar_sum_vs_mean_uneven_chunks():
+    """Chunk sums with reduction='sum' give the total; chunk means with 'mean' give the global mean (N=13, c=5)."""
+    X, W, _, labels = make_inputs((13,), H, V)
+
+    def ce_sum(z, y):
+        return F.cross_entropy(z.float(), y, reduction="sum")
+
+    def ce_mean(z, y):
+        return F.cross_entropy(z.float(), y, reduction="mean")
+
+    total = torch.randn(())  # a non-trivial upstream gradient for the scalar
+    s = _compare(ce_sum, X, W, [labels], chunk_size=5, reduction="sum", weights=[total])
+    m = _compare(ce_mean, X, W, [labels], chunk_size=5, reduction="mean", weights=[total])
+    # and the two agree with each other: sum = N * mean, d(sum) = N * d(mean)
+    torch.testing.assert_close(s["ours"][0][0], 13 * m["ours"][0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s["ours"][1][1], 13 * m["ours"][1][1], rtol=1e-5, atol=1e-6)
+    # a naive equal-weight average of chunk means (the seed's shortcut) would differ here
+    chunk_means = [F.cross_entropy(z.float(), y) for z, y in zip((X.detach() @ W.detach().t()).split(5),
+                                                                  labels.split(5))]
+    assert abs(float(sum(chunk_means) / len(chunk_means)) - float(m["ours"][0][0].detach())) > 1e-4
+
+
+def test_multi_dim_per_row_output():
+    """A per-row output with trailing dims ([c, 2, 3]) keeps them, reshaped to X's leading dims."""
+    X, W, _, _ = make_inputs((2, 5), H, V)
+
+    def f(z):
+        top = z.float().topk(6, dim=-1).values  # [c, 6]
+        return top.view(-1, 2, 3).softmax(-1)
+
+    sides = _compare(f, X, W, [], chunk_size=3)
+    assert sides["ours"][0][0].shape == (2, 5, 2, 3)
+
+
+def test_f_using_integer_row_arg_and_constant_output():
+    """An output that does not depend on z (a count) gets no gradient and does not break backward."""
+    X, W, _, labels = make_inputs((10,), H, V)
+    mask = (labels % 2 == 0)
+
+    def f(z, y, m):
+        lp = F.log_softmax(z.float(), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        return lp * m, m.float()
+
+    _compare(f, X, W, [labels, mask], chunk_size=3)
+
+
+def test_f_called_once_per_chunk_and_recomputed_in_backward():
+    """Recompute-in-backward: f runs on each chunk in forward and once more in backward, and only there."""
+    X, W, _, labels = make_inputs((10,), H, V)
+    rec = ChunkRecorder(lambda z, y: F.cross_entropy(z.float(), y, reduction="none"))
+    out = chunked_linear(X, W, rec, labels, chunk_size=4)
+    assert rec.rows == [4, 4, 2]
+    out.sum().backward()
+    assert rec.rows == [4, 4, 2, 4, 4, 2]
+
+
+def test_f_sees_input_dtype_logits():
+    """f receives the chunk's logits in X's dtype (the float32 upcast is f's job)."""
+    X, W, _, labels = make_inputs((6,), H, V, dtype=torch.bfloat16)
+    dtypes = []
+
+    def f(z, y):
+        dtypes.append(z.dtype)
+        return F.cross_entropy(z.float(), y, reduction="none")
+
+    chunked_linear(X, W, f, labels, chunk_size=4).sum().backward()
+    assert set(dtypes) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("chunk_size", [2, 100])
+def test_output_not_depending_on_logits(chunk_size):
+    """An f whose (differentiable) output depends on a row arg only: dZ is None, dX/dW must be zeros."""
+    X, W, _, _ = make_inputs((7,), H, V)
+    w = torch.randn(7, 3, requires_grad=True)
+    out = chunked_linear(X, W, lambda z, w: (w ** 2).sum(-1), w, chunk_size=chunk_size)
+    dX, dW, dw = torch.autograd.grad((out * torch.arange(7.0)).sum(), [X, W, w])
+    assert torch.count_nonzero(dX) == 0 and dX.shape == X.shape
+    assert torch.count_nonzero(dW) == 0 and dW.shape == W.shape
+    assert_close_fp32(dw, 2 * w.detach() * torch.arange(7.0)[:, None])
+
+
+def test_output_depending_on_logits_in_some_chunks_only():
+    """Chunks where f's output does not require grad (here: rows with label 0 mask everything) get dX = 0."""
+    X, W, _, labels = make_inputs((9,), H, V)
+    labels = labels.clone()
+    labels[:3] = 0
+
+    def f(z, y):
+        if bool((y == 0).all()):
+            return torch.zeros(z.shape[0])  # a constant for this chunk: no graph to z at all
+        return F.cross_entropy(z.float(), y, reduction="none")
+
+    out = chunked_linear(X, W, f, labels, chunk_size=3)
+    dX, dW = torch.autograd.grad(out.sum(), [X, W])
+    Xr, Wr = leaf_clone(X), leaf_clone(W)
+    ref = torch.cat([F.cross_entropy(Xr[3:] @ Wr.t(), labels[3:], reduction="none")])
+    dXr, dWr = torch.autograd.grad(ref.sum(), [Xr, Wr])
+    assert torch.count_nonzero(dX[:3]) == 0
+    assert_close_fp32(dX[3:], dXr[3:], what="dX")
+    assert_close_fp32(dW, dWr, what="dW")

@@ -1,0 +1,342 @@
+"""Patch a transformers causal LM so its training loss never materialises the ``[B, T, V]`` logits.
+
+``patch_causal_lm(model)`` replaces the forward of the causal LM inside ``model`` (the model itself, or
+the base model of a PEFT wrapper, which calls it) by one that, when ``labels`` are passed:
+
+1. runs the model's own forward with ``labels=None`` while the LM head is swapped for a stand-in that
+   records the hidden states it receives and returns an empty ``[..., 0]`` tensor (so all model-specific
+   code around the head still runs, but nothing of size ``V`` is allocated);
+2. computes the loss from those hidden states and the LM head's weight (and bias) with
+   :func:`grpo_mel.functions.linear_cross_entropy`: chunked, float32 upcast, recompute in backward;
+3. returns the model's own output class (``CausalLMOutputWithPast`` ...) with ``loss`` set and
+   ``logits=None``.
+
+The loss is transformers' ``ForCausalLMLoss``: labels are shifted (``labels[..., 1:]``, the last
+position ignored; a pre-shifted ``shift_labels`` kwarg is used as is), ``ignore_index`` (default -100)
+positions are skipped (as in transformers, a loss is computed only when ``labels`` are passed), and the reduction is ``sum / num_items_in_batch`` when the Trainer passes
+``num_items_in_batch`` (gradient accumulation), else the mean over non-ignored labels. Only rows with a
+label are projected (prompt / padding rows cost nothing in the head).
+
+Precision: under ``torch.autocast`` the head runs in the autocast dtype, as the unpatched ``lm_head``
+would (both the hidden states and the weight are cast, then autocast is disabled inside the chunked
+function so its forward and its backward recompute use the same dtype); otherwise the hidden states are
+cast to the LM head weight's dtype. The cross-entropy itself is float32 in every case.
+
+Models whose config has ``final_logit_softcapping`` (Gemma 2) or ``logit_scale`` (Cohere) get the same
+transform inside the chunks. Without ``labels`` (generation, evaluation of logits), when TRL calls with
+``fused_lm_head=...``, or when the head is not a plain floating-point ``nn.Linear`` (e.g. a LoRA-wrapped
+``lm_head``), the original forward runs unchanged.
+
+Works with PEFT (LoRA/QLoRA: patch before or after ``get_peft_model``; the base model is patched),
+bitsandbytes 4-bit models (their ``lm_head`` stays a regular ``nn.Linear``) and tied embeddings (the
+gradient flows to the shared weight through autograd).
+
+Example::
+
+    from grpo_mel import patch_causal_lm, unpatch_causal_lm
+    patch_causal_lm(model, chunk_size=1024)
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)   # out.logits is None
+    out.loss.backward()
+    unpatch_causal_lm(model)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import types
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functions import linear_cross_entropy, prepare_logits
+from ..linear import chunked_linear
+from ..planning import validate_chunk_size, validate_memory_budget
+
+__all__ = ["patch_causal_lm", "unpatch_causal_lm", "is_causal_lm_patched", "causal_lm_loss"]
+
+_STATE_ATTR = "_grpo_mel_causal_lm"
+_MISSING = object()
+
+
+@dataclasses.dataclass
+class _PatchState:
+    chunk_size: int | None
+    memory_budget: float | None
+    wrapper: Any = None
+    previous_forward: Any = _MISSING  # the instance attribute ``forward`` before patching, if any
+    active: bool = True
+    calls: int = 0  # how many forwards computed their loss through the chunked head (for tests / debugging)
+
+
+# --------------------------------------------------------------------------------------------------
+# the loss
+# --------------------------------------------------------------------------------------------------
+
+def _ce_rows(z, labels, ignore_index=-100, softcap=None, logit_scale=1.0):
+    """Per-row cross-entropy after the model's own logit transform (scale, softcap), float32."""
+    logits = prepare_logits(z, softcap=softcap, logit_scale=logit_scale)
+    return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")
+
+
+def causal_lm_loss(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    chunk_size: int | None = None,
+    memory_budget: float | None = None,
+) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss`` on ``hidden_states·weightᵀ + bias`` without the full logits.
+
+    ``hidden_states`` ``[B, T, H]`` (or ``[T, H]``), ``labels`` ``[B, T]`` (shifted here) or
+    ``shift_labels`` (already shifted). Returns a float32 scalar: ``Σ CE / num_items_in_batch`` when
+    given, else the mean over non-ignored positions (NaN when there are none, like ``F.cross_entropy``).
+    Autocast / dtype handling as described in the module docstring.
+    """
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("pass labels or shift_labels")
+        labels = labels.to(hidden_states.device)
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.to(hidden_states.device)
+    if tuple(shift_labels.shape) != tuple(hidden_states.shape[:-1]):
+        raise ValueError(
+            f"labels of shape {tuple(shift_labels.shape)} do not match the hidden states "
+            f"{tuple(hidden_states.shape)} the LM head received (logits_to_keep must be 0 with labels)"
+        )
+
+    device_type = hidden_states.device.type
+    ctx = nullcontext()
+    if _autocast_enabled(device_type) and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # mirror what autocast does to the unpatched ``lm_head`` matmul, then freeze that dtype for the
+        # chunked function (its backward recomputes the chunks outside of autocast)
+        dtype = torch.get_autocast_dtype(device_type)
+        weight = weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        ctx = torch.autocast(device_type, enabled=False)
+    hidden_states = hidden_states.to(weight.dtype)
+    if bias is not None and bias.dtype != weight.dtype:
+        bias = bias.to(weight.dtype)
+
+    # project only the rows that have a label
+    mask = shift_labels != ignore_index
+    X = hidden_states[mask]
+    y = shift_labels[mask]
+    with ctx:
+        if softcap is None and logit_scale == 1.0:
+            total = linear_cross_entropy(
+                X, weight, y, bias=bias, reduction="sum", ignore_index=ignore_index,
+                chunk_size=chunk_size, memory_budget=memory_budget,
+            )
+        else:
+            fn = functools.partial(_ce_rows, ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale)
+            total = chunked_linear(
+                X, weight, fn, y, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget
+            ).sum()
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    return total / mask.sum()
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+# --------------------------------------------------------------------------------------------------
+# patching
+# --------------------------------------------------------------------------------------------------
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model that owns the LM head: unwraps PEFT (PeftModel -> LoraModel -> model)."""
+    seen = 0
+    while seen < 4:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+            if inner is model:
+                break
+            model = inner
+        elif type(model).__name__.endswith("Model") and hasattr(model, "model") and hasattr(model, "peft_config"):
+            model = model.model  # a bare peft tuner (LoraModel)
+        else:
+            break
+        seen += 1
+    if not hasattr(model, "get_output_embeddings"):
+        raise TypeError(f"{type(model).__name__} is not a transformers causal LM (no get_output_embeddings())")
+    return model
+
+
+def _plain_head(lm_head) -> bool:
+    return (
+        isinstance(lm_head, nn.Linear)
+        and not any(True for _ in lm_head.children())
+        and isinstance(lm_head.weight, torch.Tensor)
+        and lm_head.weight.is_floating_point()
+        and type(lm_head.weight) in (torch.Tensor, nn.Parameter)
+    )
+
+
+def _logit_transform(model) -> tuple[float | None, float]:
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(model, "logit_scale", None)
+    if not isinstance(scale, (int, float)):
+        scale = getattr(config, "logit_scale", None)
+    return softcap, (1.0 if scale is None else float(scale))
+
+
+class _CaptureHead:
+    """Swaps ``lm_head.forward`` for one that records its input and returns an empty ``[..., 0]`` tensor."""
+
+    def __init__(self, lm_head: nn.Module):
+        self.lm_head = lm_head
+        self.hidden: torch.Tensor | None = None
+        self._prev = _MISSING
+
+    def _forward(self, hidden_states, *args, **kwargs):
+        self.hidden = hidden_states
+        return hidden_states.new_empty(*hidden_states.shape[:-1], 0)
+
+    def __enter__(self):
+        self._prev = self.lm_head.__dict__.get("forward", _MISSING)
+        self.lm_head.forward = self._forward
+        return self
+
+    def __exit__(self, *exc):
+        if self._prev is _MISSING:
+            del self.lm_head.forward
+        else:
+            self.lm_head.forward = self._prev
+
+
+def patch_causal_lm(model: nn.Module, chunk_size: int | None = None, memory_budget: float | None = None) -> nn.Module:
+    """Compute ``model``'s training loss through the chunked LM head (see the module docstring).
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (bitsandbytes-quantized or not) or a PEFT model wrapping one.
+        chunk_size: rows per chunk of the LM head; None plans it from ``memory_budget``.
+        memory_budget: bytes for one chunk's working set when ``chunk_size`` is None (see
+            :mod:`grpo_mel.planning`).
+
+    Returns ``model`` (patched in place). Patching again updates the chunking settings.
+    """
+    validate_chunk_size(chunk_size)
+    validate_memory_budget(memory_budget)
+    target = _causal_lm(model)
+    state: _PatchState | None = target.__dict__.get(_STATE_ATTR)
+    if state is not None and state.wrapper is not None:
+        state.chunk_size, state.memory_budget, state.active = chunk_size, memory_budget, True
+        return model
+
+    state = _PatchState(chunk_size=chunk_size, memory_budget=memory_budget)
+    state.previous_forward = target.__dict__.get("forward", _MISSING)
+    original = target.forward  # bound: the class forward, or whatever wrapper was installed on the instance
+    cls_forward = type(target).forward
+    sig = inspect.signature(cls_forward)
+
+    @functools.wraps(cls_forward)  # keep the signature: generate() validates model kwargs against it
+    def forward(self, *args, **kwargs):
+        if args:
+            # positional arguments after input_ids (labels is 6th in most models): bind them by name
+            try:
+                bound = sig.bind_partial(self, *args, **kwargs)
+                kwargs = {k: v for k, v in bound.arguments.items() if k != "self"}
+                var_kw = [p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD]
+                if var_kw and var_kw[0] in kwargs:
+                    kwargs.update(kwargs.pop(var_kw[0]))
+                args = ()
+            except TypeError:
+                return original(*args, **kwargs)
+        # like the models' own forwards: a loss only when labels are passed (shift_labels, if also passed,
+        # are then used instead of shifting labels)
+        if not state.active or kwargs.get("labels") is None or "fused_lm_head" in kwargs:
+            return original(*args, **kwargs)
+        lm_head = self.get_output_embeddings()
+        if not _plain_head(lm_head):
+            return original(*args, **kwargs)
+
+        kwargs = dict(kwargs)
+        labels = kwargs.pop("labels", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        ignore_index = kwargs.pop("ignore_index", -100)
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+
+        with _CaptureHead(lm_head) as cap:
+            out = original(**kwargs)  # labels=None: the model computes no loss, the head returns [..., 0]
+        if cap.hidden is None:
+            raise RuntimeError(f"{type(self).__name__}.forward did not call its LM head; cannot patch its loss")
+        softcap, logit_scale = _logit_transform(self)
+        loss = causal_lm_loss(
+            cap.hidden, lm_head.weight, labels, bias=lm_head.bias, num_items_in_batch=num_items_in_batch,
+            ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap, logit_scale=logit_scale,
+            chunk_size=state.chunk_size, memory_budget=state.memory_budget,
+        )
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None and getattr(self, "router_aux_loss_coef", None) is not None:
+            loss = loss + self.router_aux_loss_coef * aux.to(loss.device)
+        state.calls += 1
+        out = _with_loss(out, loss)
+        if not return_dict:
+            return out.to_tuple()
+        return out
+
+    forward._grpo_mel_state = state
+    state.wrapper = types.MethodType(forward, target)
+    target.forward = state.wrapper
+    setattr(target, _STATE_ATTR, state)
+    return model
+
+
+def _with_loss(out, loss):
+    if dataclasses.is_dataclass(out):
+        values = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        values.update(loss=loss, logits=None)
+        return type(out)(**values)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+def unpatch_causal_lm(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_causal_lm` (a no-op on an unpatched model). Returns ``model``.
+
+    If something wrapped the patched forward afterwards (e.g. a trainer), that wrapper is kept and the
+    patch is only deactivated: the wrapped forward then runs the original loss.
+    """
+    target = _causal_lm(model)
+    state: _PatchState | None = target.__dict__.get(_STATE_ATTR)
+    if state is None:
+        return model
+    state.active = False
+    if target.__dict__.get("forward") is state.wrapper:
+        if state.previous_forward is _MISSING:
+            del target.forward
+        else:
+            target.forward = state.previous_forward
+        delattr(target, _STATE_ATTR)
+    return model
+
+
+def is_causal_lm_patched(model: nn.Module) -> bool:
+    """Whether ``model``'s loss currently goes through the chunked head."""
+    state = _causal_lm(model).__dict__.get(_STATE_ATTR)
+    return bool(state is not None and state.active)

@@ -1,0 +1,113 @@
+"""PeakMemoryCallback: a value per optimizer step, in trainer.state.log_history, reset every step."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import grpo_mel
+from grpo_mel.integrations.callbacks import PeakMemoryCallback, _read_hwm_bytes, _reset_hwm
+
+_GIB = float(1 << 30)
+
+
+def _state(step=1):
+    return types.SimpleNamespace(global_step=step, log_history=[])
+
+
+def _step(cb, step, work):
+    state = _state(step)
+    cb.on_step_begin(None, state, None)
+    work()
+    state.global_step = step
+    cb.on_step_end(None, state, None)
+    return state
+
+
+def test_lazy_export():
+    assert grpo_mel.PeakMemoryCallback is PeakMemoryCallback
+
+
+def test_torch_measure_sees_a_step_allocation_and_resets():
+    cb = PeakMemoryCallback(device="cpu", cpu_measure="torch", label="t")
+    assert cb.key == "peak_cpu_alloc_gb"
+
+    def big():
+        x = torch.ones(32 << 20, dtype=torch.uint8)  # 32 MiB, freed at once
+        del x
+
+    _step(cb, 1, big)
+    _step(cb, 2, lambda: torch.ones(1 << 10))
+    v1, v2 = cb.values
+    assert v1 >= 32 / 1024 * 0.99  # GiB
+    assert v2 < 1e-4  # the peak was reset: step 2 does not inherit step 1's peak
+
+
+@pytest.mark.skipif(_read_hwm_bytes() is None or not _reset_hwm(), reason="needs /proc/self/status and clear_refs")
+def test_rss_measure_sees_a_step_allocation_and_resets():
+    cb = PeakMemoryCallback(device="cpu", cpu_measure="rss")
+    assert cb.key == "peak_rss_gb"
+
+    def big():
+        x = torch.ones(256 << 20, dtype=torch.uint8)  # 256 MiB, touched (so resident), then freed
+        del x
+
+    _step(cb, 1, big)
+    _step(cb, 2, lambda: None)
+    v1, v2 = cb.values
+    assert cb.rss_resettable is True
+    assert v1 - v2 > 0.2  # GiB: step 2's peak does not include step 1's 256 MiB
+
+
+def test_on_log_adds_the_max_since_the_last_log_to_logs_and_log_history():
+    cb = PeakMemoryCallback(device="cpu", cpu_measure="torch")
+    _step(cb, 1, lambda: torch.ones(4 << 20, dtype=torch.uint8))
+    _step(cb, 2, lambda: torch.ones(8 << 20, dtype=torch.uint8))
+    state = _state(2)
+    logs = {"loss": 1.0}
+    state.log_history.append({**logs, "step": 2})  # what Trainer.log does before on_log
+    cb.on_log(None, state, None, logs=logs)
+    assert logs[cb.key] == pytest.approx(max(cb.values), abs=1e-6)
+    assert state.log_history[-1][cb.key] == logs[cb.key]
+    # the end-of-training summary log is left alone
+    end = {"train_loss": 1.0, "train_runtime": 1.0}
+    cb.on_log(None, state, None, logs=end)
+    assert cb.key not in end
+    text = cb.summary()
+    assert "peak_cpu_alloc_gb" in text and "max" in text and len(text.splitlines()) == 3 + 2 + 1
+
+
+def test_bad_measure():
+    with pytest.raises(ValueError):
+        PeakMemoryCallback(cpu_measure="vram")
+
+
+@pytest.mark.parametrize("measure,logging_steps", [("rss", 1), ("torch", 2)])
+def test_in_a_trainer(tmp_path, measure, logging_steps):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from grpo_mel.testing import tiny_llama
+
+    model = tiny_llama(vocab_size=128)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (16, 12), generator=g).tolist()]
+    cb = PeakMemoryCallback(cpu_measure=measure, label=measure)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, logging_steps=logging_steps, report_to="none",
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=[cb])
+    trainer.train()
+    assert cb.key == ("peak_rss_gb" if measure == "rss" else "peak_cpu_alloc_gb")
+    assert [s["step"] for s in cb.steps] == [1, 2, 3, 4]
+    assert all(v > 0 for v in cb.values)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 4 // logging_steps
+    for h in logged:
+        assert h[cb.key] > 0
+        mine = [s[cb.key] for s in cb.steps if h["step"] - logging_steps < s["step"] <= h["step"]]
+        assert h[cb.key] == pytest.approx(max(mine), abs=1e-6)
+    table = cb.summary()
+    assert all(f"{st:>6}" in table for st in (1, 2, 3, 4))

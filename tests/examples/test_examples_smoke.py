@@ -1,0 +1,100 @@
+"""The two examples at tiny size on CPU: patched and unpatched runs give the same curves, and the
+PeakMemoryCallback logged a peak-memory value for every optimizer step of both runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import has_bnb_cpu, load_example
+
+TOL = 1e-3  # largest |Δloss| allowed, CPU fp32, tiny size
+
+
+def _check_run(run, steps: int):
+    assert len(run.losses) == steps, run.losses
+    assert all(math.isfinite(x) for x in run.losses)
+    # one peak per optimizer step, recorded by the callback and logged into the Trainer's log history
+    assert len(run.peaks) == steps and all(p > 0 for p in run.peaks)
+    logged = [h for h in run.extra["log_history"] if "loss" in h and "train_loss" not in h]
+    assert len(logged) == steps
+    assert all(h.get(run.peak_key, 0) > 0 for h in logged), run.peak_key
+
+
+@pytest.fixture(scope="module")
+def grpo_result():
+    mod = load_example("grpo_reward_task")
+    # beta > 0: the loss has a KL term, so it is not identically 0 (see the example's docstring)
+    return mod.main(["--compare", "--steps", "3", "--num-generations", "2", "--prompts-per-step", "2",
+                     "--max-completion-length", "8", "--beta", "0.04", "--learning-rate", "1e-3",
+                     "--chunk-size", "5", "--num-prompts", "32", "--no-warmup",
+                     "--output-dir", "/tmp/grpo_mel_test_outputs/grpo"])
+
+
+def test_grpo_example_patched_matches_unpatched(grpo_result):
+    unpatched, patched = grpo_result["runs"]
+    assert (unpatched.label, patched.label) == ("unpatched", "patched")
+    for r in (unpatched, patched):
+        _check_run(r, 3)
+    # real numbers from both runs
+    assert grpo_result["max_abs_diff"] == max(abs(a - b) for a, b in zip(unpatched.losses, patched.losses))
+    assert grpo_result["max_abs_diff"] <= TOL
+    assert any(abs(x) > 0 for x in unpatched.losses[1:])  # the KL term makes the loss non-zero after step 1
+    # the gradient (grad_norm) and the entropy go through the patched head: they match tightly
+    for key in ("grad_norm", "entropy"):
+        a, b = unpatched.metrics[key], patched.metrics[key]
+        assert len(a) == len(b) == 3 and all(x > 0 for x in a)
+        for x, y in zip(a, b):
+            assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (key, a, b)
+    calls = patched.extra.get("patched_calls")
+    if calls is not None:
+        assert calls > 0, "the patched run never computed log-probs through grpo_mel"
+
+
+def test_sft_example_loss_match_lora():
+    mod = load_example("sft_loss_match")
+    res = mod.main(["--no-4bit", "--steps", "3", "--chunk-size", "7", "--num-rows", "16", "--no-warmup",
+                    "--output-dir", "/tmp/grpo_mel_test_outputs/sft"])
+    unpatched, patched = res["runs"]
+    for r in (unpatched, patched):
+        _check_run(r, 3)
+    assert all(x > 1.0 for x in unpatched.losses)  # ~ln(vocab) for a random model: a real loss
+    assert res["max_abs_diff"] == max(abs(a - b) for a, b in zip(unpatched.losses, patched.losses))
+    assert res["max_abs_diff"] <= TOL
+    assert patched.extra["patched_forward_calls"] == 3 * 2  # 3 steps x grad accum 2, all through the patch
+    assert unpatched.extra["patched_forward_calls"] == 0
+
+
+@pytest.mark.skipif(not has_bnb_cpu(), reason="bitsandbytes not installed")
+def test_sft_example_loss_match_4bit_qlora():
+    mod = load_example("sft_loss_match")
+    res = mod.main(["--steps", "2", "--num-rows", "8", "--no-warmup",
+                    "--output-dir", "/tmp/grpo_mel_test_outputs/sft4"])
+    unpatched, patched = res["runs"]
+    for r in (unpatched, patched):
+        _check_run(r, 2)
+    assert res["max_abs_diff"] <= TOL
+    assert patched.extra["patched_forward_calls"] == 2 * 2
+
+
+def test_sft_example_comparison_can_fail(monkeypatch):
+    """A head that is off by 1% must make the example's comparison exceed the tolerance."""
+    import grpo_mel.integrations.causal_lm as cl
+
+    real = cl.linear_cross_entropy
+    monkeypatch.setattr(cl, "linear_cross_entropy", lambda *a, **k: real(*a, **k) * 1.01)
+    mod = load_example("sft_loss_match")
+    res = mod.main(["--no-4bit", "--steps", "1", "--num-rows", "4", "--no-warmup",
+                    "--output-dir", "/tmp/grpo_mel_test_outputs/sft_fail"])
+    assert res["max_abs_diff"] > TOL
+
+
+def test_use_vllm_fails_clearly_when_missing():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed")
+    mod = load_example("grpo_reward_task")
+    with pytest.raises(SystemExit, match="vllm is not installed"):
+        mod.main(["--use-vllm", "--steps", "1"])

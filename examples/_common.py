@@ -98,19 +98,20 @@ class ModelSource:
             # tokenizers cannot reach 128256 ids from a small local corpus: the tokenizer has a few
             # thousand ids and the model keeps its full vocabulary (that is where the LM-head memory is).
             # Ids the tokenizer does not know decode to nothing (checked in check_decode).
-            self.tokenizer = tiny_tokenizer(self.tiny_vocab)
+            self.tokenizer = tiny_tokenizer(min(self.tiny_vocab, 4096))
+            model_vocab = max(self.tiny_vocab, len(self.tokenizer)) if self.name == TINY else 128256
             if self.name == TINY:
-                model = tiny_llama(vocab_size=len(self.tokenizer), hidden_size=self.tiny_hidden,
+                model = tiny_llama(vocab_size=model_vocab, hidden_size=self.tiny_hidden,
                                    num_layers=self.tiny_layers, seed=self.seed, tokenizer=self.tokenizer)
                 model = model.to(self.dtype)
-                self.description = (f"tiny Llama (random, vocab {len(self.tokenizer)}, hidden {self.tiny_hidden}, "
+                self.description = (f"tiny Llama (random, vocab {model_vocab}, hidden {self.tiny_hidden}, "
                                     f"{self.tiny_layers} layers)")
             else:
                 # 1.2B parameters: not kept as a pristine copy; rebuilt from the seed by every load()
                 model = self._build_1b(torch.device("cpu")) if self.load_in_4bit else None
                 self.description = (f"Llama-3.2-1B architecture, random weights (vocab 128256, "
                                     f"tokenizer {len(self.tokenizer)} ids)")
-            check_decode(self.tokenizer, 128256 if self.name == LLAMA_1B_RANDOM else len(self.tokenizer))
+            check_decode(self.tokenizer, model_vocab)
             if self.load_in_4bit:
                 self._tmpdir = tempfile.TemporaryDirectory(prefix="grpo_mel_example_")
                 model.save_pretrained(self._tmpdir.name)

@@ -6,5 +6,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="$(bash scripts/setup_env.sh)"
-if [ $# -eq 0 ]; then set -- --compare; fi
+# default: unpatched vs patched, torch-allocator peak on CPU, a 32000-token vocabulary (as in real models)
+if [ $# -eq 0 ]; then set -- --compare --cpu-measure torch --tiny-vocab 32000 --plot outputs/grpo_peak_memory.png; fi
 exec "$venv/bin/python" examples/grpo_reward_task.py "$@"

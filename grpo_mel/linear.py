@@ -337,7 +337,7 @@ def chunked_linear(
         bias: ``[V]`` or None.
         chunk_size: rows per chunk (>= 1; the last chunk may be smaller). None: from ``memory_budget``.
         memory_budget: bytes for the per-chunk working set when ``chunk_size`` is None; None uses the
-            default (a share of free memory on CUDA, 128 MiB on CPU). See :mod:`grpo_mel.planning`.
+            default (a share of free memory on CUDA, 96 MiB on CPU). See :mod:`grpo_mel.planning`.
         reduction: how 0-dim outputs combine across chunks: ``"mean"`` (weighted by each chunk's share
             of rows, exact for uneven chunks) or ``"sum"``. Per-row outputs are concatenated.
 

@@ -23,9 +23,10 @@ import torch
 #: keep 4 ``[rows, V]`` fp32 buffers including the logits (log-softmax saved for backward, the gather's
 #: gradient, dZ), log-probs + entropy keep 6. 5 besides the logits covers both.
 LIVE_FP32_BUFFERS = 5
-#: Budget used on the CPU, and on CUDA when free memory cannot be read. On 2 CPU cores 128-256-row
-#: chunks at V=32000 were as fast as full logits, 64 rows and fewer measurably slower (GEMM efficiency).
-DEFAULT_CPU_BUDGET_BYTES = 128 * 2**20
+#: Budget used on the CPU, and on CUDA when free memory cannot be read: 131 rows at V=32000 fp32, which
+#: keeps the peak of log-probs forward+backward at N=2048, H=256 near 0.13x the full-logits path
+#: (docs/benchmarks.md). Below ~64 rows the CPU GEMMs lose efficiency and time grows.
+DEFAULT_CPU_BUDGET_BYTES = 96 * 2**20
 #: On CUDA with no explicit budget, this share of the currently free memory is used ...
 CUDA_FREE_FRACTION = 0.25
 #: ... but never more than this (larger chunks stop paying off once the GEMMs are saturated).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from conftest import has_bnb_cpu, load_example
 
@@ -25,7 +26,15 @@ def _check_run(run, steps: int):
 @pytest.fixture(scope="module")
 def grpo_result():
     mod = load_example("grpo_reward_task")
+    threads = torch.get_num_threads()  # the example sets 1 thread for its tiny model: restore for later tests
     # beta > 0: the loss has a KL term, so it is not identically 0 (see the example's docstring)
+    try:
+        return _grpo_main(mod)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _grpo_main(mod):
     return mod.main(["--compare", "--steps", "3", "--num-generations", "2", "--prompts-per-step", "2",
                      "--max-completion-length", "8", "--beta", "0.04", "--learning-rate", "1e-3",
                      "--chunk-size", "5", "--num-prompts", "32", "--no-warmup",

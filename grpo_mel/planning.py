@@ -29,8 +29,10 @@ LIVE_FP32_BUFFERS = 5
 DEFAULT_CPU_BUDGET_BYTES = 96 * 2**20
 #: On CUDA with no explicit budget, this share of the currently free memory is used ...
 CUDA_FREE_FRACTION = 0.25
-#: ... but never more than this (larger chunks stop paying off once the GEMMs are saturated).
-CUDA_MAX_BUDGET_BYTES = 2 * 2**30
+#: ... but never more than this: 512 MiB is ~190 rows at V=128256 in bf16, so a 1-4K-token batch still
+#: splits into several chunks (a chunk as large as N costs more than full logits), and it is the size of one
+#: float32 tile of TRL's own fused head (4096 tokens x 32768 vocab). Not yet tuned on a GPU.
+CUDA_MAX_BUDGET_BYTES = 512 * 2**20
 
 
 def validate_chunk_size(chunk_size) -> None:

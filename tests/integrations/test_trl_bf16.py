@@ -7,6 +7,8 @@ dX/dW GEMMs run in float32, so gradients agree to bf16 precision, not to fp32's 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -15,6 +17,21 @@ import grpo_mel
 from .conftest import CHUNK, generate, generation_batch, loss_and_grads, make_trainer
 
 pytestmark = pytest.mark.trl
+
+
+@pytest.fixture(autouse=True)
+def _restore_mixed_precision():
+    """transformers' TrainingArguments(bf16=True) exports ACCELERATE_MIXED_PRECISION=bf16 and nothing unsets it,
+    so every later trainer in the process (even with bf16=False) would run under bf16 autocast (seen with
+    TRL 0.19 / 1.14 and their transformers): restore the environment and accelerate's shared state afterwards."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        del os.environ[k]
+    os.environ.update(saved)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_bf16_autocast_parity(tmp_path):

@@ -125,8 +125,10 @@ class MemoryEfficientLinear(torch.autograd.Function):
             chunk_size = extra[0] if len(extra) > 0 else None
             reduction = extra[1] if len(extra) > 1 else "mean"
             fn = _SeedFunction(forward_function, linear)
+            # X rides along as a row argument only so f can be handed its chunk's rows; detached, it gets no
+            # gradient of its own (the stand-in linear ignores it: dX comes through the logits)
             return chunked_linear(
-                X, linear.weight, fn, X, labels, bias=getattr(linear, "bias", None),
+                X, linear.weight, fn, X.detach(), labels, bias=getattr(linear, "bias", None),
                 chunk_size=chunk_size, reduction=reduction,
             )
         return super().apply(*args, **kwargs)
@@ -168,7 +170,6 @@ class MemoryEfficientLinear(torch.autograd.Function):
 
         ctx.fn, ctx.chunk_size, ctx.reduction, ctx.scalar = fn, chunk_size, reduction, scalar
         ctx.rng, ctx.autocast = rng, autocast
-        ctx.has_bias = bias is not None
         ctx.n_row_args = len(row_args)
         ctx.save_for_backward(X, weight, bias, *row_args)
         ctx.set_materialize_grads(False)

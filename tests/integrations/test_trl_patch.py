@@ -180,3 +180,34 @@ def test_prompt_learning_peft_falls_back(tmp_path):
         with pytest.warns(UserWarning, match="prompt-learning"):
             loss_and_grads(tr, inputs)
     assert spy["n"] == 0
+
+
+@pytest.mark.parametrize("broken", ["no-backbone", "no-head-weight"])
+def test_unrecognised_model_falls_back_with_a_named_reason(tmp_path, broken):
+    """A model without a backbone under base_model_prefix, or whose head has no plain weight, goes to TRL's own
+    method with one warning naming the problem (never a silent wrong number)."""
+    tr = make_trainer(tmp_path)
+    ids = torch.randint(5, 1000, (2, 12))
+    am = torch.ones_like(ids)
+    calls = {"n": 0}
+
+    def fake_original(self, *a, **k):
+        calls["n"] += 1
+        return "trl"
+
+    model = tr.model
+    if broken == "no-backbone":
+        model.base_model_prefix = "no_such_backbone"
+        expect = "exposes no backbone"
+    else:
+        model.lm_head = torch.nn.Identity()
+        expect = "has no plain LM head weight"
+    repl = trl_grpo._make_replacement(fake_original, _trl_compat.detect())
+    trl_grpo._WARNED.clear()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert repl(tr, model, ids, am, 4) == "trl"
+        assert repl(tr, model, ids, am, 4) == "trl"
+    assert calls["n"] == 2
+    msgs = [str(x.message) for x in w if "falling back" in str(x.message)]
+    assert len(msgs) == 1 and expect in msgs[0], msgs

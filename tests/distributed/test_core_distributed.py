@@ -9,13 +9,12 @@ FSDP2's reduce-scatter see it like any other gradient; a side-effect ``.grad`` w
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
+from _spawn import spawn
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from grpo_mel import linear_cross_entropy
@@ -79,18 +78,16 @@ def _worker(rank, port, mode, out_dir):
             grads = {k: p.grad.full_tensor().clone() for k, p in model.named_parameters()}
         torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        # let both ranks finish their collectives before teardown: destroying the gloo group while FSDP2 still
+        # has work in flight aborted a worker once ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(mode):
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(_free_port(), mode, d), nprocs=WORLD, start_method="spawn")
+        spawn(_worker, (mode, d), WORLD)
         return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(WORLD)]
 
 

@@ -12,13 +12,12 @@ synchronised gradient must equal the reference. The patch must go through the DD
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import warnings
 
 import pytest
+from _spawn import spawn
 import torch
-import torch.multiprocessing as mp
 
 trl = pytest.importorskip("trl")
 
@@ -74,11 +73,6 @@ def _worker(rank, port, work_dir):
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_patched_grpo_under_ddp_matches_single_process():
@@ -108,7 +102,7 @@ def test_patched_grpo_under_ddp_matches_single_process():
         for k in g_ref:  # patched single process = unpatched single process
             torch.testing.assert_close(g_ref[k], g_unpatched[k], rtol=1e-5, atol=1e-6)
 
-        mp.start_processes(_worker, args=(_free_port(), d), nprocs=WORLD, start_method="spawn")
+        spawn(_worker, (d,), WORLD)
         for rank in range(WORLD):
             got = torch.load(os.path.join(d, f"rank{rank}.pt"))
             assert got["grads"].keys() == g_ref.keys()

@@ -9,13 +9,12 @@ back to each rank's shard. Each rank's shard gradient must equal its rows of the
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
+from _spawn import spawn
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from grpo_mel import linear_token_logprobs
 
@@ -62,13 +61,11 @@ def _worker(rank, port, out_dir):
         torch.save({"dW": W_dt.grad.to_local().clone(), "db": b_dt.grad.to_local().clone(),
                     "is_dtensor": type(W_dt.grad).__name__}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        # let both ranks finish their collectives before teardown: destroying the gloo group while FSDP2 still
+        # has work in flight aborted a worker once ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sharded_head_gather_gives_each_rank_its_gradient_shard():
@@ -78,7 +75,7 @@ def test_sharded_head_gather_gives_each_rank_its_gradient_shard():
         pytest.skip("this torch has no DTensor")
     ref_dW, ref_db = _reference()
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(_free_port(), d), nprocs=WORLD, start_method="spawn")
+        spawn(_worker, (d,), WORLD)
         got = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(WORLD)]
     rows = V // WORLD
     for r, g in enumerate(got):

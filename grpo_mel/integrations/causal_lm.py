@@ -22,7 +22,7 @@ would (both the hidden states and the weight are cast, then autocast is disabled
 function so its forward and its backward recompute use the same dtype); otherwise the hidden states are
 cast to the LM head weight's dtype. The cross-entropy itself is float32 in every case.
 
-Models whose config has ``final_logit_softcapping`` (Gemma 2) or ``logit_scale`` (Cohere) get the same
+Models whose config has ``final_logit_softcapping`` (Gemma 2) or a logit scale (``_heads.logit_transform``) get the same
 transform inside the chunks. Without ``labels`` (generation, evaluation of logits), when TRL calls with
 ``fused_lm_head=...``, or when the head is not a plain floating-point ``nn.Linear`` (e.g. a LoRA-wrapped
 ``lm_head``), the original forward runs unchanged.
@@ -56,6 +56,7 @@ from torch import nn
 from ..functions import linear_cross_entropy, prepare_logits
 from ..linear import chunked_linear
 from ..planning import validate_chunk_size, validate_memory_budget
+from ._heads import logit_transform
 
 __all__ = ["patch_causal_lm", "unpatch_causal_lm", "is_causal_lm_patched", "causal_lm_loss"]
 
@@ -190,17 +191,6 @@ def _plain_head(lm_head) -> bool:
     )
 
 
-def _logit_transform(model) -> tuple[float | None, float]:
-    config = model.config
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(model, "logit_scale", None)
-    if not isinstance(scale, (int, float)):
-        scale = getattr(config, "logit_scale", None)
-    return softcap, (1.0 if scale is None else float(scale))
-
-
 class _CaptureHead:
     """Swaps ``lm_head.forward`` for one that records its input and returns an empty ``[..., 0]`` tensor."""
 
@@ -284,7 +274,7 @@ def patch_causal_lm(model: nn.Module, chunk_size: int | None = None, memory_budg
             out = original(**kwargs)  # labels=None: the model computes no loss, the head returns [..., 0]
         if cap.hidden is None:
             raise RuntimeError(f"{type(self).__name__}.forward did not call its LM head; cannot patch its loss")
-        softcap, logit_scale = _logit_transform(self)
+        softcap, logit_scale = logit_transform(self.config)
         loss = causal_lm_loss(
             cap.hidden, lm_head.weight, labels, bias=lm_head.bias, num_items_in_batch=num_items_in_batch,
             ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap, logit_scale=logit_scale,

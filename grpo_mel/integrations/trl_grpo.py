@@ -28,6 +28,7 @@ import torch
 from ..functions import token_logprobs, token_logprobs_and_entropy
 from ..linear import chunked_linear
 from ..planning import validate_chunk_size, validate_memory_budget
+from ._heads import logit_transform
 from ._trl_compat import TRLFlavour, UnsupportedTRLVersion, detect
 
 __all__ = ["patch_grpo", "unpatch_grpo", "grpo_patched", "is_patched", "UnsupportedTRLVersion"]
@@ -233,21 +234,6 @@ def _fallback_reason(trainer, model, call: dict, flavour: TRLFlavour) -> str | N
     return None
 
 
-def _logit_transform(config) -> tuple[float | None, float]:
-    """(final softcap, logit scale) from the text config, as TRL 1.16's ``add_fused_lm_head`` reads them."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    scale = getattr(text_config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text_config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text_config, "lm_head_multiplier", None)
-    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
-        ls = text_config.logits_scaling
-        scale = ls if getattr(text_config, "model_type", "") == "hyperclovax" else 1 / ls
-    return softcap, 1.0 if scale is None else float(scale)
-
-
 def _redirect(wrapper, inner, method: Callable, *args, **kwargs):
     """Call ``method(*args)`` inside ``wrapper``'s forward (DDP/FSDP/DeepSpeed hooks run), like TRL's Liger path."""
     had_own = "forward" in vars(inner)
@@ -318,7 +304,7 @@ def _score(trainer, flavour, call, logits_to_keep, input_ids, attention_mask):
     lm = _causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
     head = lm.get_output_embeddings()
-    softcap, scale = _logit_transform(lm.config)
+    softcap, scale = logit_transform(lm.config)
     temperature = float(getattr(trainer, "temperature", 1.0)) if flavour.uses_temperature else 1.0
     entropy = bool(call.get("compute_entropy"))
     entropy_grad = entropy and bool(getattr(trainer, "_entropy_bonus_enabled", False))

@@ -247,15 +247,18 @@ def _clear(case: Case) -> None:
         torch.cuda.empty_cache()
 
 
-def time_once(variant: Variant, case: Case) -> float:
+def time_once(variant: Variant, case: Case) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one step. On a shared or virtual CPU machine the CPU
+    time is the steadier number (it does not count time the process waited for a core); on CUDA only
+    the wall time means anything."""
     case.X.grad = case.W.grad = None
     _sync(case.X.device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     step(variant, case)
     _sync(case.X.device)
-    t = time.perf_counter() - t0
+    t, c = time.perf_counter() - t0, time.process_time() - c0
     case.X.grad = case.W.grad = None
-    return t
+    return t, c
 
 
 def peak_of(variant: Variant, case: Case) -> int:
@@ -267,7 +270,8 @@ def peak_of(variant: Variant, case: Case) -> int:
 
 FIELDS = ["device", "dtype", "torch", "task", "N", "H", "V", "variant", "chunk", "peak_MiB", "peak_vs_naive",
           "peak_vs_trl", "time_s", "time_vs_naive", "time_vs_trl", "times", "diff_out", "diff_ent", "diff_dX",
-          "diff_dW", "max_rel_diff", "ok", "note"]
+          "diff_dW", "max_rel_diff", "ok", "note", "cpu_s", "cpu_vs_naive"]
+NUMERIC = set(FIELDS[9:21]) - {"times"} | {"cpu_s", "cpu_vs_naive"}
 
 
 def run_all(args) -> list[dict]:
@@ -308,7 +312,7 @@ def run_all(args) -> list[dict]:
             rows.append(row)
             live.append((var, row))
         # time: round-robin over the variants, so that load from other processes hits them alike
-        times: dict[str, list[float]] = {var.name: [] for var, _ in live}
+        times: dict[str, list[tuple[float, float]]] = {var.name: [] for var, _ in live}
 
         def _failed(var, row, e):
             row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -323,8 +327,10 @@ def run_all(args) -> list[dict]:
                     _failed(var, row, e)
                     live.remove((var, row))
         for var, row in list(live):
-            row["time_s"] = statistics.median(times[var.name])
-            row["times"] = ";".join(f"{t:.4f}" for t in times[var.name])
+            row["time_s"] = statistics.median(t for t, _ in times[var.name])
+            row["times"] = ";".join(f"{t:.4f}" for t, _ in times[var.name])
+            if device.type == "cpu":
+                row["cpu_s"] = statistics.median(c for _, c in times[var.name])
             try:
                 row["peak_MiB"] = peak_of(var, case) / MIB
             except Exception as e:  # noqa: BLE001
@@ -337,9 +343,12 @@ def run_all(args) -> list[dict]:
                 if b is not None:
                     row[f"peak_{key}"] = row["peak_MiB"] / b["peak_MiB"] if b["peak_MiB"] else float("nan")
                     row[f"time_{key}"] = row["time_s"] / b["time_s"]
+            if "cpu_s" in row and "cpu_s" in base.get("naive", {}):
+                row["cpu_vs_naive"] = row["cpu_s"] / base["naive"]["cpu_s"]
             print(f"  {var.name:16s} chunk={row['chunk']:14s} peak={row['peak_MiB']:9.1f} MiB "
                   f"({row.get('peak_vs_naive', float('nan')):.3f}x naive)  time={row['time_s']:.3f} s "
-                  f"({row.get('time_vs_naive', float('nan')):.3f}x naive)  "
+                  f"({row.get('time_vs_naive', float('nan')):.3f}x naive, CPU time "
+                  f"{row.get('cpu_vs_naive', float('nan')):.3f}x)  "
                   f"maxdiff out={row.get('diff_out', float('nan')):.2e} dX={row.get('diff_dX', float('nan')):.2e} "
                   f"dW={row.get('diff_dW', float('nan')):.2e} ent={row.get('diff_ent', float('nan')):.2e} "
                   f"{row.get('ok', '')}", flush=True)
@@ -360,7 +369,7 @@ def read_csv(path) -> list[dict]:
                     continue
                 if k in ("N", "H", "V"):
                     row[k] = int(val)
-                elif k in FIELDS[9:21] and k != "times":
+                elif k in NUMERIC:
                     row[k] = float(val)
                 else:
                     row[k] = val
@@ -393,18 +402,18 @@ def markdown(rows, header: str) -> str:
         rs = groups[(task, n, h, v, dt, dev)]
         out += [f"### {task}, N={n}, H={h}, V={v}, {dt}, {dev}", "",
                 "| variant | chunk | peak MiB | peak / naive | peak / TRL | time s | time / naive | time / TRL "
-                "| max abs diff out / dX / dW | check |",
-                "|---|---|--:|--:|--:|--:|--:|--:|---|---|"]
+                "| CPU time / naive | max abs diff out / dX / dW | check |",
+                "|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|"]
         for r in rs:
             if r.get("note"):
-                out.append(f"| {r['variant']} | {r['chunk']} | {r['note'].split(';')[0]} (see CSV) | | | | | | | |")
+                out.append(f"| {r['variant']} | {r['chunk']} | {r['note'].split(';')[0]} (see CSV) | | | | | | | | |")
                 continue
             diffs = "" if r["variant"] == "naive" else (
                 f"{_f(r.get('diff_out'), '.1e')} / {_f(r.get('diff_dX'), '.1e')} / {_f(r.get('diff_dW'), '.1e')}")
             out.append(
                 f"| {r['variant']} | {r['chunk']} | {r['peak_MiB']:.1f} | {_f(r.get('peak_vs_naive'), '.3f')} | "
                 f"{_f(r.get('peak_vs_trl'), '.3f')} | {r['time_s']:.3f} | {_f(r.get('time_vs_naive'), '.2f')} | "
-                f"{_f(r.get('time_vs_trl'), '.2f')} | {diffs} | {r.get('ok', '')} |")
+                f"{_f(r.get('time_vs_trl'), '.2f')} | {_f(r.get('cpu_vs_naive'), '.2f')} | {diffs} | {r.get('ok', '')} |")
         out.append("")
     return "\n".join(out)
 

@@ -17,7 +17,7 @@ from .functions import (
     token_logprobs_and_entropy,
     z_loss,
 )
-from .linear import MemoryEfficientLinear, chunked_linear
+from .linear import MemoryEfficientLinear, chunked_linear, output_needs_grad
 from .memory import PeakMemory, peak_memory
 from .planning import plan_chunk_size
 
@@ -44,6 +44,7 @@ def __getattr__(name):
 __all__ = [
     "MemoryEfficientLinear",
     "chunked_linear",
+    "output_needs_grad",
     "plan_chunk_size",
     "PeakMemory",
     "peak_memory",

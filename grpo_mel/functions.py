@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .linear import chunked_linear
+from .linear import chunked_linear, output_needs_grad
 
 __all__ = [
     "prepare_logits",
@@ -60,10 +60,11 @@ def _safe_labels(labels: torch.Tensor, ignore_index: int | None) -> tuple[torch.
 
 def token_logprobs(z, labels, temperature=1.0, softcap=None, logit_scale=1.0, ignore_index=None):
     """log p(label | row): ``log_softmax(z)[label]`` ([c]); 0 where ``labels == ignore_index``."""
-    logits = prepare_logits(z, temperature, softcap, logit_scale)
     safe, valid = _safe_labels(labels, ignore_index)
-    # log_softmax + gather: one fused pass forward and one backward (gather - logsumexp costs ~2x on CPU)
-    lp = logits.log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    # log_softmax + gather: one fused pass forward and one backward (gather - logsumexp costs ~2x on CPU).
+    # One expression, so a scaled/softcapped/tempered copy of the logits is freed as soon as it is used.
+    logp = prepare_logits(z, temperature, softcap, logit_scale).log_softmax(-1)
+    lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return lp if valid is None else lp.masked_fill(~valid, 0.0)
 
 
@@ -75,13 +76,16 @@ def token_entropy(z, temperature=1.0, softcap=None, logit_scale=1.0):
 
 def token_logprobs_and_entropy(z, labels, temperature=1.0, softcap=None, logit_scale=1.0, ignore_index=None):
     """``(token_logprobs, token_entropy)`` from one float32 upcast and one log-softmax."""
-    logits = prepare_logits(z, temperature, softcap, logit_scale)
-    logp = logits.log_softmax(-1)
+    logp = prepare_logits(z, temperature, softcap, logit_scale).log_softmax(-1)
     safe, valid = _safe_labels(labels, ignore_index)
     lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     if valid is not None:
         lp = lp.masked_fill(~valid, 0.0)
-    ent = -(logp.exp() * logp).sum(-1)
+    if output_needs_grad(1):
+        ent = -(logp.exp() * logp).sum(-1)
+    else:  # only logged (GRPO's usual case): no graph, so the softmax is not saved for a backward
+        with torch.no_grad():
+            ent = -(logp.exp().mul_(logp)).sum(-1)
     return lp, ent
 
 

@@ -5,9 +5,11 @@ The idea is ``torch.utils.checkpoint`` specialised to the LM head:
 * **forward** (under ``no_grad``): for each chunk of rows ``X_c`` ([c, H]) form the chunk's logits
   ``z_c = X_c·Wᵀ + b`` ([c, V]), apply ``f`` and keep only its small outputs (per-row values, or a
   scalar that is reduced across chunks). Nothing of size ``V`` outlives the chunk.
-* **backward**: for each chunk, recompute ``z_c`` and hand it to ``f`` as a leaf that requires
-  grad, let autograd differentiate ``f`` with the upstream gradients as ``grad_outputs``, which
-  yields ``dZ_c = ∂L/∂z_c``. The linear part then is two GEMMs (the seed's equations):
+* **backward**: for each chunk, recompute ``z_c`` with autograd on, let autograd differentiate ``f``
+  with the upstream gradients as ``grad_outputs``, which yields ``dZ_c = ∂L/∂z_c``. ``z_c`` comes out
+  of a small catch node (:class:`_CatchGrad`) rather than being a leaf, so nothing but ``f``'s own
+  graph holds it: an ``f`` that saves only its own intermediates (log-softmax saves its output) lets
+  the logits go right after its forward, one ``[c, V]`` buffer fewer at the chunk's peak. The linear part then is two GEMMs (the seed's equations):
   ``dX_c = dZ_c·W`` and ``dW += dZ_cᵀ·X_c`` (``db += Σ dZ_c``), the latter accumulated in float32
   in one ``[V, H]`` buffer. No derivative of ``f`` is written by hand: any plain-torch ``f`` works.
 
@@ -28,6 +30,7 @@ Two front doors share one Function:
 
 from __future__ import annotations
 
+import contextvars
 from typing import Callable, Sequence
 
 import torch
@@ -35,9 +38,29 @@ from torch import nn
 
 from .planning import plan_chunk_size, validate_chunk_size, validate_memory_budget
 
-__all__ = ["MemoryEfficientLinear", "chunked_linear"]
+__all__ = ["MemoryEfficientLinear", "chunked_linear", "output_needs_grad"]
 
 _REDUCTIONS = ("mean", "sum")
+
+
+#: Indices of f's outputs that receive a gradient, while the backward recomputes a chunk; None otherwise.
+_LIVE_OUTPUTS: contextvars.ContextVar[frozenset[int] | None] = contextvars.ContextVar("grpo_mel_live_outputs",
+                                                                                     default=None)
+
+
+def output_needs_grad(index: int) -> bool:
+    """For use inside a transformation function f: will f's output ``index`` be differentiated?
+
+    While :class:`MemoryEfficientLinear`'s backward recomputes a chunk, True only for the outputs that
+    received an upstream gradient (e.g. False for an entropy that is only logged); elsewhere (the forward,
+    which runs under ``no_grad``, or f called on its own) ``torch.is_grad_enabled()``. An f may compute an
+    output that is not differentiated under ``torch.no_grad()``, so its graph (and the ``[c, V]`` tensors the
+    graph would save) is never built. The value must be the same either way: only the graph may differ.
+    """
+    live = _LIVE_OUTPUTS.get()
+    if live is None:
+        return torch.is_grad_enabled()
+    return index in live
 
 
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
@@ -70,8 +93,8 @@ class _LogitsStandIn(nn.Module):
     """Handed to a seed-convention ``forward_function`` in place of the real ``linear``.
 
     Calling it returns the chunk's logits, which the Function computed (once, in forward under
-    ``no_grad``; again in backward as a leaf that requires grad), so ``f``'s ``linear(batch)``
-    costs nothing and its gradient arrives at the leaf as dZ_c.
+    ``no_grad``; again in backward with autograd on), so ``f``'s ``linear(batch)`` costs nothing and
+    its gradient arrives at the logits as dZ_c.
     """
 
     def __init__(self, logits: torch.Tensor, linear: nn.Module):
@@ -203,18 +226,26 @@ class MemoryEfficientLinear(torch.autograd.Function):
 def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live, dX, dW, db, d_args) -> None:
     """Recompute each chunk with autograd on, differentiate f with the upstream gradients, apply the GEMMs."""
     n, chunk = X.shape[0], ctx.chunk_size
+    live_set = frozenset(live)
+    w_nograd = weight.detach()
+    b_nograd = bias.detach() if bias is not None else None
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         x_c = X[start:end]
-        with torch.no_grad(), torch.autocast(**ctx.autocast):
-            z = _chunk_logits(x_c, weight, bias)
-        z.requires_grad_(True)
         args_c = [
             a[start:end].detach().requires_grad_(True) if need else a[start:end]
             for a, need in zip(row_args, arg_needs)
         ]
-        with torch.enable_grad(), torch.autocast(**ctx.autocast):
-            res = _as_tuple(ctx.fn(z, *args_c))
+        anchor = torch.zeros((), device=X.device, requires_grad=True)
+        catch = _Catch()
+        token = _LIVE_OUTPUTS.set(live_set)
+        try:
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                # z is not a leaf: only the graph of f holds it, so it is freed as soon as f is done with it
+                # (e.g. log_softmax keeps its output, not its input) and dZ arrives in catch.grad
+                res = _as_tuple(ctx.fn(_CatchGrad.apply(anchor, x_c, w_nograd, b_nograd, catch), *args_c))
+        finally:
+            _LIVE_OUTPUTS.reset(token)
         outputs, grads = [], []
         for i in live:
             r = res[i]
@@ -232,10 +263,10 @@ def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live,
             if dX is not None:
                 dX[start:end].zero_()
             continue
-        wrt = [z] + [a for a, need in zip(args_c, arg_needs) if need]
+        wrt = [anchor] + [a for a, need in zip(args_c, arg_needs) if need]
         got = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
         del res, outputs
-        dz = got[0]
+        dz, catch.grad = catch.grad, None
         for d_acc, g_a in zip([d for d in d_args if d is not None], got[1:]):
             if g_a is not None:
                 d_acc[start:end].copy_(g_a)
@@ -250,7 +281,29 @@ def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live,
             _addmm_fp32(dW, dz.t(), x_c)
         if db is not None:
             db.add_(dz.sum(0, dtype=torch.float32))
-        del dz, z, got
+        del dz, got
+
+
+class _Catch:
+    grad: torch.Tensor | None = None
+
+
+class _CatchGrad(torch.autograd.Function):
+    """Recomputes a chunk's logits as a non-leaf and hands their gradient dZ to a :class:`_Catch`.
+
+    A leaf ``z.requires_grad_()`` would be held by its AccumulateGrad node until the chunk's backward is
+    over; this node holds nothing, so the [c, V] logits live only as long as f's graph needs them.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, x_c, weight, bias, catch):
+        ctx.catch = catch
+        return _chunk_logits(x_c, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dz):
+        ctx.catch.grad = dz
+        return None, None, None, None, None
 
 
 def _autocast_state(device: torch.device) -> dict:

@@ -18,18 +18,20 @@ import numbers
 
 import torch
 
-#: float32 ``[rows, V]`` buffers alive at once in the backward of a typical f, besides the logits
-#: themselves. Measured with grpo_mel.memory at N=2048, H=256, V=32000 fp32 (docs/design.md): log-probs
-#: keep 4 ``[rows, V]`` fp32 buffers including the logits (log-softmax saved for backward, the gather's
-#: gradient, dZ), log-probs + entropy keep 6. 5 besides the logits covers both.
-LIVE_FP32_BUFFERS = 5
-#: Budget used on the CPU, and on CUDA when free memory cannot be read: 131 rows at V=32000 fp32, which
-#: keeps the peak of log-probs forward+backward at N=2048, H=256 near 0.13x the full-logits path
-#: (docs/benchmarks.md). Below ~64 rows the CPU GEMMs lose efficiency and time grows.
+#: float32 ``[rows, V]`` buffers alive at once in a chunk of a typical f. Measured with grpo_mel.memory at
+#: N=2048, H=256, V=32000 fp32 (docs/design.md): in backward, log-probs and cross-entropy keep 3 (the
+#: log-softmax saved for backward, the gather's gradient, dZ; the recomputed logits are freed as soon as f
+#: has used them), log-probs + entropy keep 4 (the softmax saved by the entropy's graph).
+LIVE_FP32_BUFFERS = 3
+#: Budget used on the CPU, and on CUDA when free memory cannot be read: 196 rows at V=32000 fp32, which
+#: keeps the peak of log-probs forward+backward at N=2048, H=256 near 0.14x the full-logits path
+#: (docs/benchmarks.md). It also keeps each float32 [rows, V] buffer at ~24 MiB, under glibc's largest
+#: mmap threshold (32 MiB): larger buffers are fresh mmaps, page-faulted in on every chunk, and chunks of
+#: 320+ rows at V=32000 ran slower than 256. Below ~128 rows the CPU GEMMs lose efficiency and time grows.
 DEFAULT_CPU_BUDGET_BYTES = 96 * 2**20
 #: On CUDA with no explicit budget, this share of the currently free memory is used ...
 CUDA_FREE_FRACTION = 0.25
-#: ... but never more than this: 512 MiB is ~190 rows at V=128256 in bf16, so a 1-4K-token batch still
+#: ... but never more than this: 512 MiB is ~298 rows at V=128256 in bf16, so a 1-4K-token batch still
 #: splits into several chunks (a chunk as large as N costs more than full logits), and it is the size of one
 #: float32 tile of TRL's own fused head (4096 tokens x 32768 vocab). Not yet tuned on a GPU.
 CUDA_MAX_BUDGET_BYTES = 512 * 2**20

@@ -197,3 +197,84 @@ def test_output_depending_on_logits_in_some_chunks_only():
     assert torch.count_nonzero(dX[:3]) == 0
     assert_close_fp32(dX[3:], dXr[3:], what="dX")
     assert_close_fp32(dW, dWr, what="dW")
+
+
+# The backward hands f its chunk's recomputed logits as a non-leaf that only f's graph holds (so they are freed
+# as soon as f is done with them). The f's below keep the logits alive themselves, in different ways: they
+# must still get exact gradients.
+
+
+def keeps_logits(z):
+    """``Σ z²`` per row: mul saves z itself (for fp32 input ``z.float()`` is z) for its backward."""
+    zf = z.float()
+    return (zf * zf).sum(-1)
+
+
+def returns_view_of_logits(z, labels):
+    """(a view of the logits [c], z's last column [c]): outputs that alias the logits buffer."""
+    return z.float()[:, 0], z[:, -1] * 2.0
+
+
+def logits_through_two_paths(z, labels):
+    """The logits reach the output through log_softmax, a gather of z itself and a softcap-like tanh."""
+    zf = z.float()
+    top = zf.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return top * F.log_softmax(zf, -1).mean(-1) + torch.tanh(zf / 3).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 100])
+@pytest.mark.parametrize(
+    "f,with_labels",
+    [(keeps_logits, False), (returns_view_of_logits, True), (logits_through_two_paths, True)],
+    ids=["keeps_logits", "view_of_logits", "two_paths"],
+)
+def test_f_that_holds_on_to_the_logits(f, with_labels, chunk_size):
+    X, W, b, labels = make_inputs((3, 4), H, V, bias=True)
+    _compare(f, X, W, [labels] if with_labels else [], b=b, chunk_size=chunk_size)
+
+
+def test_output_needs_grad_tells_f_which_outputs_are_differentiated():
+    """f sees, per call, whether each of its outputs will be differentiated; the values are the same either way."""
+    from grpo_mel import output_needs_grad
+
+    seen = []
+
+    def f(z, labels):
+        seen.append((torch.is_grad_enabled(), output_needs_grad(0), output_needs_grad(1)))
+        logp = F.log_softmax(z.float(), -1)
+        return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), (logp.exp() * logp).sum(-1)
+
+    X, W, _, labels = make_inputs((6,), H, V)
+    lp, ent = chunked_linear(X, W, f, labels, chunk_size=3)
+    assert seen == [(False, False, False)] * 2  # forward: under no_grad, nothing is differentiated
+    seen.clear()
+    torch.autograd.grad(lp.sum(), [X, W], retain_graph=True)  # only output 0 gets a gradient
+    assert seen == [(True, True, False)] * 2
+    seen.clear()
+    torch.autograd.grad((lp + ent).sum(), [X, W])
+    assert seen == [(True, True, True)] * 2
+    assert output_needs_grad(0) is torch.is_grad_enabled()  # outside the Function
+    with torch.no_grad():
+        assert output_needs_grad(0) is False
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_and_entropy_with_and_without_entropy_grad(temperature):
+    """The built-in joint f skips the entropy's graph when it gets no gradient: same values, same gradients."""
+    import functools
+
+    from grpo_mel.functions import token_logprobs_and_entropy
+
+    f = functools.partial(token_logprobs_and_entropy, temperature=temperature)
+    X, W, b, labels = make_inputs((3, 5), H, V, bias=True)
+    _compare(f, X, W, [labels], b=b, chunk_size=4)  # both outputs weighted
+    lp_w = random_weights((3, 5), seed=3)
+    _compare(f, X, W, [labels], b=b, chunk_size=4, weights=[lp_w, torch.zeros(3, 5)])
+    for side in ("ours", "ref"):  # entropy not in the loss at all: it receives no gradient
+        Xs, Ws = leaf_clone(X), leaf_clone(W)
+        out = chunked_linear(Xs, Ws, f, labels, chunk_size=4) if side == "ours" else naive_apply(Xs, Ws, f, labels)
+        g = torch.autograd.grad((out[0] * lp_w).sum(), [Xs, Ws])
+        if side == "ours":
+            ours = (out, g)
+    for a, r in zip(ours[0] + ours[1], out + g):
+        assert_close_fp32(a, r)

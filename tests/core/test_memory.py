@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from grpo_mel import MemoryEfficientLinear, linear_token_logprobs
+from grpo_mel import MemoryEfficientLinear, chunked_linear, linear_token_logprobs
 from grpo_mel.memory import peak_memory
 
 from .test_seed_convention import NaiveLinear, mse_loss_function, transformation_function
@@ -94,3 +94,39 @@ def test_peak_does_not_grow_with_logits():
     growth = peaks[1024] - peaks[256]
     one_logits_row_block = 768 * V * 4  # what materialising the extra rows' fp32 logits would cost
     assert growth < 0.05 * one_logits_row_block, f"grew by {growth / 2**20:.2f} MiB"
+
+
+@pytest.mark.parametrize("chunk_size", [64, 200])
+def test_backward_frees_the_recomputed_logits(chunk_size):
+    """Per chunk, log-probs forward + backward keeps 3 float32 [c, V] buffers at its worst moment (the log-softmax
+    saved for backward, the gather's gradient, dZ), on top of dX and the float32 dW accumulator: the recomputed
+    logits themselves are freed once f has used them (they are not a leaf that the graph keeps alive)."""
+    torch.manual_seed(0)
+    N, H = 512, 64
+    X = torch.randn(N, H, requires_grad=True)
+    W = (torch.randn(V, H) / 8).requires_grad_(True)
+    labels = torch.randint(0, V, (N,))
+    _, peak = peak_memory(lambda: _ours_logprobs_grads(X, W, labels, chunk_size=chunk_size), device="cpu")
+    fixed = V * H * 4 + N * H * 4  # dW accumulator + dX
+    buffers = (peak - fixed) / (chunk_size * V * 4)
+    assert 2.9 <= buffers <= 3.1, f"{buffers:.2f} [c, V] fp32 buffers at the peak ({peak / 2**20:.1f} MiB)"
+
+
+def test_logged_entropy_costs_no_extra_buffer():
+    """log-probs + entropy where only the log-probs get a gradient (GRPO logs the entropy): the recompute builds no
+    graph for the entropy (grpo_mel.output_needs_grad), so the chunk keeps the same 3 buffers as log-probs alone."""
+    from grpo_mel.functions import token_logprobs_and_entropy
+
+    torch.manual_seed(0)
+    N, H, chunk = 512, 64, 128
+    X = torch.randn(N, H, requires_grad=True)
+    W = (torch.randn(V, H) / 8).requires_grad_(True)
+    labels = torch.randint(0, V, (N,))
+
+    def step():
+        lp, ent = chunked_linear(X, W, token_logprobs_and_entropy, labels, chunk_size=chunk)
+        return torch.autograd.grad(lp.sum(), [X, W])
+
+    _, peak = peak_memory(step, device="cpu")
+    buffers = (peak - V * H * 4 - N * H * 4) / (chunk * V * 4)
+    assert 2.9 <= buffers <= 3.1, f"{buffers:.2f} [c, V] fp32 buffers at the peak ({peak / 2**20:.1f} MiB)"

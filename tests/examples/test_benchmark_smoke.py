@@ -1,0 +1,30 @@
+"""benchmarks/bench_lm_head.py runs end to end at a tiny shape: every variant that runs here agrees with naive."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_bench_lm_head_tiny(tmp_path):
+    out = tmp_path / "bench.csv"
+    md = tmp_path / "bench.md"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_lm_head.py"), "--device", "cpu", "--dtype",
+           "float32", "--hidden", "32", "--tokens", "96", "--vocab", "500", "--chunks", "7", "64",
+           "--repeats", "1", "--csv", str(out), "--md", str(md)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(out)))
+    ran = [r for r in rows if not r["note"]]
+    assert {r["task"] for r in ran} == {"logprobs", "logprobs_entropy", "ce"}
+    for r in ran:
+        assert float(r["peak_MiB"]) > 0 and float(r["time_s"]) > 0 and float(r["cpu_s"]) > 0, r
+        if r["variant"] != "naive":
+            assert r["ok"] == "ok", r  # outputs, dX and dW within tolerance of naive
+    names = {r["variant"] for r in ran}
+    assert {"naive", "grpo_mel@7", "grpo_mel@64", "grpo_mel@auto"} <= names
+    assert "CPU time / naive" in md.read_text()

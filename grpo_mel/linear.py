@@ -236,7 +236,7 @@ def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live,
             a[start:end].detach().requires_grad_(True) if need else a[start:end]
             for a, need in zip(row_args, arg_needs)
         ]
-        anchor = torch.zeros((), device=X.device, requires_grad=True)
+        anchor = torch.empty((), device=X.device, requires_grad=True)  # never read: only a graph root
         catch = _Catch()
         token = _LIVE_OUTPUTS.set(live_set)
         try:

@@ -1,9 +1,9 @@
 """Chunk planning: how many rows of X go through the LM head at once.
 
 The Function's working set per chunk is a handful of ``[rows, V]`` tensors: the logits in the
-input dtype, their float32 upcast, the log-softmax (or softmax) f keeps for its backward, and in
-backward the gradients of those. :func:`plan_chunk_size` turns a memory budget in bytes into a row
-count with the model
+input dtype (freed once f has used them), their float32 upcast, the log-softmax f keeps for its
+backward, and in backward the gradients flowing through f. :func:`plan_chunk_size` turns a memory
+budget in bytes into a row count with the model
 
     bytes(rows) = rows * V * (itemsize(input dtype) + LIVE_FP32_BUFFERS * 4)
 

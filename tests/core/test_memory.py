@@ -96,18 +96,20 @@ def test_peak_does_not_grow_with_logits():
     assert growth < 0.05 * one_logits_row_block, f"grew by {growth / 2**20:.2f} MiB"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("chunk_size", [64, 200])
-def test_backward_frees_the_recomputed_logits(chunk_size):
+def test_backward_frees_the_recomputed_logits(chunk_size, dtype):
     """Per chunk, log-probs forward + backward keeps 3 float32 [c, V] buffers at its worst moment (the log-softmax
     saved for backward, the gather's gradient, dZ), on top of dX and the float32 dW accumulator: the recomputed
-    logits themselves are freed once f has used them (they are not a leaf that the graph keeps alive)."""
+    logits themselves are freed once f has used them (they are not a leaf that the graph keeps alive). With bf16
+    input the bf16 logits and dZ's bf16 cast are alive only when fewer float32 buffers are: still 3."""
     torch.manual_seed(0)
     N, H = 512, 64
-    X = torch.randn(N, H, requires_grad=True)
-    W = (torch.randn(V, H) / 8).requires_grad_(True)
+    X = torch.randn(N, H, dtype=dtype, requires_grad=True)
+    W = (torch.randn(V, H) / 8).to(dtype).requires_grad_(True)
     labels = torch.randint(0, V, (N,))
     _, peak = peak_memory(lambda: _ours_logprobs_grads(X, W, labels, chunk_size=chunk_size), device="cpu")
-    fixed = V * H * 4 + N * H * 4  # dW accumulator + dX
+    fixed = V * H * 4 + N * H * X.element_size()  # float32 dW accumulator + dX
     buffers = (peak - fixed) / (chunk_size * V * 4)
     assert 2.9 <= buffers <= 3.1, f"{buffers:.2f} [c, V] fp32 buffers at the peak ({peak / 2**20:.1f} MiB)"
 

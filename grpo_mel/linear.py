@@ -9,7 +9,8 @@ The idea is ``torch.utils.checkpoint`` specialised to the LM head:
   with the upstream gradients as ``grad_outputs``, which yields ``dZ_c = ∂L/∂z_c``. ``z_c`` comes out
   of a small catch node (:class:`_CatchGrad`) rather than being a leaf, so nothing but ``f``'s own
   graph holds it: an ``f`` that saves only its own intermediates (log-softmax saves its output) lets
-  the logits go right after its forward, one ``[c, V]`` buffer fewer at the chunk's peak. The linear part then is two GEMMs (the seed's equations):
+  the logits go right after its forward, one ``[c, V]`` buffer fewer at the chunk's peak. The linear
+  part then is two GEMMs (the seed's equations):
   ``dX_c = dZ_c·W`` and ``dW += dZ_cᵀ·X_c`` (``db += Σ dZ_c``), the latter accumulated in float32
   in one ``[V, H]`` buffer. No derivative of ``f`` is written by hand: any plain-torch ``f`` works.
 
@@ -218,15 +219,18 @@ class MemoryEfficientLinear(torch.autograd.Function):
         if X.shape[0] == 0:
             return _pack_grads(dX, dW, db, weight, bias, d_args)
 
-        with _replayed_rng(X.device, ctx.rng):
-            _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live, dX, dW, db, d_args)
+        token = _LIVE_OUTPUTS.set(frozenset(live))  # what output_needs_grad answers inside f
+        try:
+            with _replayed_rng(X.device, ctx.rng):
+                _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live, dX, dW, db, d_args)
+        finally:
+            _LIVE_OUTPUTS.reset(token)
         return _pack_grads(dX, dW, db, weight, bias, d_args)
 
 
 def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live, dX, dW, db, d_args) -> None:
     """Recompute each chunk with autograd on, differentiate f with the upstream gradients, apply the GEMMs."""
     n, chunk = X.shape[0], ctx.chunk_size
-    live_set = frozenset(live)
     w_nograd = weight.detach()
     b_nograd = bias.detach() if bias is not None else None
     for start in range(0, n, chunk):
@@ -238,14 +242,10 @@ def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live,
         ]
         anchor = torch.empty((), device=X.device, requires_grad=True)  # never read: only a graph root
         catch = _Catch()
-        token = _LIVE_OUTPUTS.set(live_set)
-        try:
-            with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                # z is not a leaf: only the graph of f holds it, so it is freed as soon as f is done with it
-                # (e.g. log_softmax keeps its output, not its input) and dZ arrives in catch.grad
-                res = _as_tuple(ctx.fn(_CatchGrad.apply(anchor, x_c, w_nograd, b_nograd, catch), *args_c))
-        finally:
-            _LIVE_OUTPUTS.reset(token)
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):
+            # z is not a leaf: only the graph of f holds it, so it is freed as soon as f is done with it
+            # (e.g. log_softmax keeps its output, not its input) and dZ arrives in catch.grad
+            res = _as_tuple(ctx.fn(_CatchGrad.apply(anchor, x_c, w_nograd, b_nograd, catch), *args_c))
         outputs, grads = [], []
         for i in live:
             r = res[i]

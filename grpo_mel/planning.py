@@ -26,8 +26,9 @@ LIVE_FP32_BUFFERS = 3
 #: Budget used on the CPU, and on CUDA when free memory cannot be read: 196 rows at V=32000 fp32, which
 #: keeps the peak of log-probs forward+backward at N=2048, H=256 near 0.14x the full-logits path
 #: (docs/benchmarks.md). It also keeps each float32 [rows, V] buffer at ~24 MiB, under glibc's largest
-#: mmap threshold (32 MiB): larger buffers are fresh mmaps, page-faulted in on every chunk, and chunks of
-#: 320+ rows at V=32000 ran slower than 256. Below ~128 rows the CPU GEMMs lose efficiency and time grows.
+#: mmap threshold (32 MiB): larger buffers can be fresh mmaps, page-faulted in on every chunk (forward at
+#: V=32000 in a fresh process: 320+ rows slower than 256; benchmarks/bench_chunk_anatomy.py). Below ~128
+#: rows the CPU GEMMs lose efficiency and time grows.
 DEFAULT_CPU_BUDGET_BYTES = 96 * 2**20
 #: On CUDA with no explicit budget, this share of the currently free memory is used ...
 CUDA_FREE_FRACTION = 0.25

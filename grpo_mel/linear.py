@@ -32,6 +32,7 @@ Two front doors share one Function:
 from __future__ import annotations
 
 import contextvars
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -127,6 +128,13 @@ class _SeedFunction:
         return self.forward_function(x_c, _LogitsStandIn(z, self.linear), *rest)
 
 
+@dataclass(frozen=True)
+class _Options:
+    chunk_size: int  # rows per chunk
+    reduction: str  # how 0-dim outputs combine over chunks: "mean" | "sum"
+    fp32_grad_input: bool  # see chunked_linear
+
+
 def _chunk_logits(x_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # [c, H] @ [H, V] -> [c, V], in X's dtype (the float32 upcast is f's first step)
     return torch.nn.functional.linear(x_c, weight, bias)
@@ -158,9 +166,9 @@ class MemoryEfficientLinear(torch.autograd.Function):
         return super().apply(*args, **kwargs)
 
     @staticmethod
-    def forward(ctx, X, weight, bias, fn, chunk_size, reduction, *row_args):
+    def forward(ctx, X, weight, bias, fn, opts: _Options, *row_args):
         # X: [N, H]; weight: [V, H]; bias: [V] or None; row_args: tensors with leading dim N
-        n = X.shape[0]
+        n, chunk_size, reduction = X.shape[0], opts.chunk_size, opts.reduction
         # backward replays f's random draws and the autocast state (as torch.utils.checkpoint does), so the
         # recomputed chunk is the one forward computed (e.g. a bf16 matmul under autocast, not an fp32 one)
         rng = _get_rng_state(X.device)
@@ -192,8 +200,10 @@ class MemoryEfficientLinear(torch.autograd.Function):
             scalar = [r.dim() == 0 for r in res]
             outs = [torch.zeros((), dtype=_acc_dtype(r), device=r.device) if s else r.clone() for r, s in zip(res, scalar)]
 
-        ctx.fn, ctx.chunk_size, ctx.reduction, ctx.scalar = fn, chunk_size, reduction, scalar
+        ctx.fn, ctx.opts, ctx.scalar = fn, opts, scalar
         ctx.rng, ctx.autocast = rng, autocast
+        # the dtype the forward's GEMM produced (the autocast dtype under autocast): the backward's GEMMs run in it too
+        ctx.gemm_dtype = _gemm_dtype(X, weight, bias)
         ctx.n_row_args = len(row_args)
         ctx.save_for_backward(X, weight, bias, *row_args)
         ctx.set_materialize_grads(False)
@@ -206,9 +216,9 @@ class MemoryEfficientLinear(torch.autograd.Function):
     def backward(ctx, *grad_outs):
         X, weight, bias, *row_args = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        arg_needs = ctx.needs_input_grad[6:]
+        arg_needs = ctx.needs_input_grad[5:]
         live = [i for i, g in enumerate(grad_outs) if g is not None]
-        n_in = 6 + ctx.n_row_args
+        n_in = 5 + ctx.n_row_args
         if not live:
             return (None,) * n_in
 
@@ -230,9 +240,11 @@ class MemoryEfficientLinear(torch.autograd.Function):
 
 def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live, dX, dW, db, d_args) -> None:
     """Recompute each chunk with autograd on, differentiate f with the upstream gradients, apply the GEMMs."""
-    n, chunk = X.shape[0], ctx.chunk_size
-    w_nograd = weight.detach()
-    b_nograd = bias.detach() if bias is not None else None
+    n, chunk = X.shape[0], ctx.opts.chunk_size
+    # Under autocast (fp32 weights, bf16 GEMMs) cast W once for every chunk's recompute and dX GEMM, as the model's
+    # own lm_head under autocast keeps a bf16 copy of W for its backward; dW still accumulates in float32.
+    w_nograd = weight.detach().to(ctx.gemm_dtype)
+    b_nograd = bias.detach().to(ctx.gemm_dtype) if bias is not None else None
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         x_c = X[start:end]
@@ -253,7 +265,7 @@ def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live,
                 continue
             g = grad_outs[i]
             if ctx.scalar[i]:
-                w = (end - start) / n if ctx.reduction == "mean" else 1.0
+                w = (end - start) / n if ctx.opts.reduction == "mean" else 1.0
                 g = g * w
             else:
                 g = g[start:end]
@@ -274,11 +286,16 @@ def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live,
             if dX is not None:
                 dX[start:end].zero_()
             continue
-        dz = dz.to(weight.dtype)  # [c, V]
+        dz = dz.to(w_nograd.dtype)  # [c, V]
         if dX is not None:
-            torch.mm(dz, weight, out=dX[start:end])  # [c, V] @ [V, H]
+            if dX.dtype == dz.dtype:
+                torch.mm(dz, w_nograd, out=dX[start:end])  # [c, V] @ [V, H]
+            elif ctx.opts.fp32_grad_input and dX.dtype == torch.float32:  # half operands, float32 result
+                _addmm_fp32(dX[start:end].zero_(), dz, w_nograd)
+            else:  # as autograd of F.linear under autocast: dX in the GEMM's dtype, then cast to X's
+                dX[start:end].copy_(torch.mm(dz, w_nograd))
         if dW is not None:
-            _addmm_fp32(dW, dz.t(), x_c)
+            _addmm_fp32(dW, dz.t(), x_c.to(dz.dtype))
         if db is not None:
             db.add_(dz.sum(0, dtype=torch.float32))
         del dz, got
@@ -304,6 +321,12 @@ class _CatchGrad(torch.autograd.Function):
     def backward(ctx, dz):
         ctx.catch.grad = dz
         return None, None, None, None, None
+
+
+def _gemm_dtype(X: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
+    """The dtype ``F.linear(X, weight, bias)`` computes in here: the autocast dtype where autocast applies."""
+    probe = _chunk_logits(X[:0], weight[:0], None if bias is None else bias[:0])  # [0, 0]: no work, autocast's rule
+    return probe.dtype
 
 
 def _autocast_state(device: torch.device) -> dict:
@@ -343,7 +366,7 @@ class _replayed_rng:
 def _pack_grads(dX, dW, db, weight, bias, d_args):
     dW = dW.to(weight.dtype) if dW is not None else None
     db = db.to(bias.dtype) if db is not None else None
-    return (dX, dW, db, None, None, None, *d_args)
+    return (dX, dW, db, None, None, *d_args)
 
 
 def _acc_dtype(r: torch.Tensor) -> torch.dtype:
@@ -377,6 +400,7 @@ def chunked_linear(
     chunk_size: int | None = None,
     memory_budget: float | None = None,
     reduction: str = "mean",
+    fp32_grad_input: bool = False,
 ):
     """Compute ``fn(X·Wᵀ + b, *row_args)`` in row chunks, differentiably, without the [N, V] logits.
 
@@ -394,6 +418,10 @@ def chunked_linear(
             default (a share of free memory on CUDA, 96 MiB on CPU). See :mod:`grpo_mel.planning`.
         reduction: how 0-dim outputs combine across chunks: ``"mean"`` (weighted by each chunk's share
             of rows, exact for uneven chunks) or ``"sum"``. Per-row outputs are concatenated.
+        fp32_grad_input: where the GEMM runs in a half dtype under autocast while X is float32, compute dX from
+            the half operands into float32 (as TRL >= 1.15's fused head does) instead of rounding it to the half
+            dtype first (as autograd of ``F.linear`` under autocast does, the default). dW always accumulates in
+            float32.
 
     Returns:
         A tensor (or tuple) with per-row outputs shaped ``X.shape[:-1] + trailing``, scalars 0-dim.
@@ -406,7 +434,8 @@ def chunked_linear(
     n = X2.shape[0]
     flat_args = tuple(a.reshape(n, *a.shape[len(lead):]) for a in row_args)
     chunk = plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget)
-    outs = MemoryEfficientLinear.apply(X2, weight, bias, fn, chunk, reduction, *flat_args)
+    opts = _Options(chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input))
+    outs = MemoryEfficientLinear.apply(X2, weight, bias, fn, opts, *flat_args)
     outs = tuple(o if o.dim() == 0 else o.view(*lead, *o.shape[1:]) for o in outs)
     return outs[0] if len(outs) == 1 else outs
 

@@ -7,7 +7,10 @@
    last hidden states, without calling the LM head;
 2. keeps the hidden states that predict the completion tokens (``hidden[:, -K-1:-1]`` vs ``input_ids[:, -K:]``);
 3. computes the log-probs (and entropies) of the completion tokens with :func:`grpo_mel.chunked_linear` and the
-   LM head's weight (and bias), applying the model's logit scale / final softcapping and TRL's temperature.
+   LM head's weight (and bias), applying the model's logit scale / final softcapping and TRL's temperature. This
+   runs inside a call of the ``lm_head`` module itself (its ``forward`` redirected), so the hooks an engine put on
+   that module run as in the unpatched forward: FSDP1/FSDP2 gather and reduce-scatter the head even when it is its
+   own unit, DeepSpeed ZeRO-3 fetches and releases it. Backbone and head run under the trainer's autocast.
 
 Signature and return type are those of the installed TRL's method, so every call site (policy, old policy,
 reference model, PEFT reference with adapters disabled, eval) goes through it. Inputs it does not handle
@@ -221,17 +224,36 @@ def _fallback_reason(trainer, model, call: dict, flavour: TRLFlavour) -> str | N
     if hasattr(config, "get_text_config") and config.get_text_config() is not config:
         return f"{type(lm).__name__} is a vision-language model"
     head = lm.get_output_embeddings()
+    head = _head_inner(head) if head is not None else None
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         return f"{type(lm).__name__} has no plain LM head weight"
     if type(head).__module__.startswith("peft"):
         return "the LM head carries a PEFT adapter (e.g. LoRA on lm_head or modules_to_save)"
     if getattr(head.weight, "quant_state", None) is not None or not head.weight.is_floating_point():
         return "the LM head weight is quantized"
+    hooks = _output_hooks(head)
+    if hooks:
+        return (f"the LM head has forward hook(s) {', '.join(hooks)} that expect its logits (the chunked head returns "
+                "per-token log-probs and never forms them)")
     prefix = getattr(lm, "base_model_prefix", "")
     backbone = getattr(lm, prefix, None) if prefix else None
     if backbone is None or backbone is lm:
         return f"{type(lm).__name__} exposes no backbone (base_model_prefix={prefix!r})"
     return None
+
+
+_ENGINE_HOOK_MODULES = ("torch.distributed", "deepspeed", "accelerate")
+
+
+def _output_hooks(module) -> list[str]:
+    """Forward (output) hooks on ``module`` other than the engines' own (FSDP2, DeepSpeed, accelerate), which only
+    reshard/release parameters and register backward hooks on whatever the call returns."""
+    names = []
+    for hook in list(module._forward_hooks.values()):
+        fn = getattr(hook, "func", hook)  # functools.partial
+        if not getattr(fn, "__module__", "").startswith(_ENGINE_HOOK_MODULES):
+            names.append(getattr(fn, "__qualname__", repr(fn)))
+    return names
 
 
 def _redirect(wrapper, inner, method: Callable, *args, **kwargs):
@@ -256,28 +278,6 @@ def _redirect(wrapper, inner, method: Callable, *args, **kwargs):
         restore()
 
 
-@contextlib.contextmanager
-def _gathered(*params):
-    """All-gather ZeRO-3 partitioned LM head params for a direct read (no-op otherwise)."""
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-        z3 = is_deepspeed_zero3_enabled()
-    except Exception:  # pragma: no cover
-        z3 = False
-    if not z3:
-        yield False
-        return
-    import deepspeed  # pragma: no cover - needs DeepSpeed ZeRO-3
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # pragma: no cover
-
-    todo = [p for p in params if p is not None and getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
-    if not todo:  # pragma: no cover
-        yield True
-        return
-    with deepspeed.zero.GatheredParameters(todo, modifier_rank=None):  # pragma: no cover
-        yield True
-
-
 def _compute(trainer, model, input_ids, attention_mask, logits_to_keep, call: dict, flavour: TRLFlavour):
     unwrapped = _unwrap(trainer, model)
     call = dict(call, _unwrapped=unwrapped)
@@ -294,14 +294,22 @@ def _compute(trainer, model, input_ids, attention_mask, logits_to_keep, call: di
     return logps, entropies, aux
 
 
-def _autocast_ctx(trainer):
+def _autocast_ctx(trainer, unwrapped, flavour: TRLFlavour):
+    """The autocast the unpatched call would run under, on top of the caller's own context.
+
+    TRL >= 1.15 enters ``accelerator.autocast()`` around the model call itself. Earlier TRLs call the model, whose
+    ``forward`` accelerate wrapped in autocast when it prepared the model under mixed precision (it keeps the
+    original as ``_original_forward``); the redirection bypasses that wrapper, so its autocast is entered here. A
+    model that was never prepared runs in the caller's context, as the unpatched call would.
+    """
     acc = getattr(trainer, "accelerator", None)
-    return acc.autocast() if acc is not None else contextlib.nullcontext()
+    if acc is not None and (flavour.fused_head or "_original_forward" in vars(unwrapped)):
+        return acc.autocast()
+    return contextlib.nullcontext()
 
 
 def _score(trainer, flavour, call, logits_to_keep, input_ids, attention_mask):
-    model = call["_unwrapped"]
-    lm = _causal_lm(model)
+    lm = _causal_lm(call["_unwrapped"])
     backbone = getattr(lm, lm.base_model_prefix)
     head = lm.get_output_embeddings()
     softcap, scale = logit_transform(lm.config)
@@ -311,6 +319,9 @@ def _score(trainer, flavour, call, logits_to_keep, input_ids, attention_mask):
     aux_wanted = bool(call.get("compute_aux_loss"))
     fp32_head = bool(getattr(getattr(trainer, "args", None), "cast_lm_head_to_fp32", False))
     opts = _STATE["options"]
+    fkw = dict(temperature=temperature, softcap=softcap, logit_scale=scale,
+               ignore_index=-100 if flavour.masks_padding else None)
+    fn = functools.partial(token_logprobs_and_entropy if entropy else token_logprobs, **fkw)
     bs = call.get("batch_size") or input_ids.size(0)
     K = logits_to_keep
 
@@ -321,40 +332,24 @@ def _score(trainer, flavour, call, logits_to_keep, input_ids, attention_mask):
         kw = dict(input_ids=ids, attention_mask=am, use_cache=False)
         if aux_wanted:
             kw["output_router_logits"] = True
-        with _autocast_ctx(trainer):
-            out = backbone(**kw)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        hidden = hidden[:, :-1][:, -K:]  # position t predicts token t+1
         labels = ids[:, -K:]
         comp_mask = am[:, -K:]
-        weight, bias = head.weight, head.bias
-        dtype = _head_dtype(hidden, weight, fp32_head)
-        with torch.autocast(hidden.device.type, enabled=False), _gathered(weight, bias) as z3:
-            weight, bias = _full(weight), _full(bias)
-            if z3:  # keep a gathered copy alive for the backward's recompute; grads still reach the param
-                weight = weight.clone()
-                bias = bias.clone() if bias is not None else None
-            hidden = hidden.to(device=weight.device, dtype=dtype)
-            w = weight if weight.dtype == dtype else weight.to(dtype)
-            b = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
-            lab = labels.to(weight.device)
-            ignore = None
+        if flavour.masks_padding:
+            labels = labels.masked_fill(comp_mask == 0, -100)
+        # backbone and head both run under the autocast of the unpatched call
+        with _autocast_ctx(trainer, call["_unwrapped"], flavour):
+            out = backbone(**kw)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            hidden = hidden[:, :-1][:, -K:]  # position t predicts token t+1
+            # under autocast, TRL >= 1.15's fused head forms dX in float32; earlier TRLs' lm_head rounds it to bf16
+            res = _through_head(head, hidden, labels, fn, fp32_head, opts, fp32_grad_input=flavour.fused_head)
+        lp, ent = res if entropy else (res, None)
+        if entropy:
+            if not entropy_grad:
+                ent = ent.detach()
             if flavour.masks_padding:
-                lab = lab.masked_fill(comp_mask.to(lab.device) == 0, -100)
-                ignore = -100
-            fkw = dict(temperature=temperature, softcap=softcap, logit_scale=scale, ignore_index=ignore)
-            if entropy:
-                lp, ent = chunked_linear(hidden, w, functools.partial(token_logprobs_and_entropy, **fkw), lab,
-                                         bias=b, chunk_size=opts.get("chunk_size"),
-                                         memory_budget=opts.get("memory_budget"))
-                if not entropy_grad:
-                    ent = ent.detach()
-                if flavour.masks_padding:
-                    ent = ent.masked_fill(comp_mask.to(ent.device) == 0, 0.0)
-                all_ent.append(ent)
-            else:
-                lp = chunked_linear(hidden, w, functools.partial(token_logprobs, **fkw), lab, bias=b,
-                                    chunk_size=opts.get("chunk_size"), memory_budget=opts.get("memory_budget"))
+                ent = ent.masked_fill(comp_mask.to(ent.device) == 0, 0.0)
+            all_ent.append(ent)
         all_lp.append(lp)
         if aux_wanted:
             all_aux.append(_aux_loss(lm, out, am))
@@ -364,26 +359,46 @@ def _score(trainer, flavour, call, logits_to_keep, input_ids, attention_mask):
     return logps, ents, aux
 
 
-def _head_dtype(hidden, weight, fp32_head: bool) -> torch.dtype:
-    """The dtype the LM head matmul runs in, as the model's own ``lm_head(hidden)`` would under the same context."""
-    if fp32_head:
-        return torch.float32
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev) if _autocast_takes_device() else torch.is_autocast_enabled():
-        return torch.get_autocast_dtype(dev)
-    return weight.dtype
+def _head_inner(head):
+    """The module whose ``forward`` computes the head. FSDP1 (and activation checkpointing) wrap it in another
+    module; FSDP2, DeepSpeed ZeRO-3 and DDP hook it in place or leave it alone."""
+    while True:
+        inner = getattr(head, "_fsdp_wrapped_module", None) or getattr(head, "_checkpoint_wrapped_module", None)
+        if inner is None:
+            return head
+        head = inner
 
 
-@functools.lru_cache(None)
-def _autocast_takes_device() -> bool:
-    try:
-        torch.is_autocast_enabled("cpu")
-        return True
-    except TypeError:  # pragma: no cover - old torch
-        return False
+def _through_head(head, hidden, labels, fn, fp32_head: bool, opts: dict, fp32_grad_input: bool):
+    """``fn`` over the head's logits, chunked, computed INSIDE a call of the head module.
+
+    ``head(hidden, labels)`` with the inner module's ``forward`` redirected to the chunked computation runs every
+    hook the engine put on that module: FSDP1/FSDP2 unshard the weight before and reshard after it (and again
+    around the backward, where they reduce-scatter its gradient); DeepSpeed ZeRO-3 fetches and releases its
+    partitions. Reading ``head.weight`` from outside the call would see a shard (FSDP1: a flat 1-D shard, FSDP2: a
+    DTensor) and skip the gradient's reduction. Nothing is gathered or copied here; the backward's recompute reads
+    the weight the engine re-gathers for it, exactly as ``lm_head``'s own backward would.
+    """
+    inner = _head_inner(head)
+
+    def forward(h):
+        weight, bias = _full(inner.weight), _full(inner.bias)
+        # cast_lm_head_to_fp32: TRL runs the head in float32 outside autocast; otherwise the GEMM inside runs in the
+        # autocast dtype where autocast is on, as ``lm_head(hidden)`` would (f upcasts to float32 after it)
+        ctx = torch.autocast(h.device.type, enabled=False) if fp32_head else contextlib.nullcontext()
+        with ctx:
+            dtype = torch.float32 if fp32_head else weight.dtype
+            h = h.to(device=weight.device, dtype=dtype)
+            w = weight if weight.dtype == dtype else weight.to(dtype)
+            b = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
+            return chunked_linear(h, w, fn, labels.to(weight.device), bias=b, chunk_size=opts.get("chunk_size"),
+                                  memory_budget=opts.get("memory_budget"), fp32_grad_input=fp32_grad_input)
+
+    return _redirect(head, inner, forward, hidden)  # one argument, as lm_head(hidden): pre-hooks see what they expect
 
 
 def _full(t):
+    """A tensor-parallel DTensor head weight (not FSDP-managed: FSDP unshards inside the call) gathered whole."""
     if t is None:
         return None
     try:

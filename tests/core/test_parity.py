@@ -429,3 +429,53 @@ def test_bf16_dw_accumulated_in_fp32_across_chunks():
     dXn, dWn = torch.autograd.grad(naive_apply(Xn, Wn, f, c).sum(), [Xn, Wn])
     assert rel_err(dW, exact) <= 2 * rel_err(dWn, exact) + 2.0 ** -9
     assert torch.equal(dX, dXn)
+
+
+# --------------------------------------------------------------------------------------------------
+# autocast: float32 X and W, bf16 GEMMs (as a model's lm_head under mixed precision)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [1, 4, None])
+def test_autocast_gemm_dtype_and_gradients(chunk):
+    """Under CPU bf16 autocast f receives bf16 logits (the GEMM ran in bf16, as ``F.linear`` does there), outputs
+    equal the naive autocast path's, dX is formed as autograd of ``F.linear`` forms it (bf16, then float32), and with
+    ``fp32_grad_input`` from the same bf16 operands into float32. dW: float32 accumulation of the bf16 products."""
+    X, W, _, labels = make_inputs((13,), H, V, seed=3, scale=2.0)
+    w_out = random_weights((13,), seed=5)
+    seen = []
+
+    def f(z, lab):
+        seen.append(z.dtype)
+        return G.token_logprobs(z, lab, temperature=0.7)
+
+    res = {}
+    for side in ("naive", "ours", "ours_fp32_dx"):
+        Xs, Ws = leaf_clone(X), leaf_clone(W)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if side == "naive":
+                z = F.linear(Xs, Ws)
+                z.retain_grad()
+                out = ref_token_logprobs(z, labels, temperature=0.7)
+            else:
+                out = chunked_linear(Xs, Ws, f, labels, chunk_size=chunk, fp32_grad_input=side == "ours_fp32_dx")
+        dX, dW = torch.autograd.grad((out * w_out).sum(), [Xs, Ws]) if side != "naive" else (None, None)
+        if side == "naive":
+            (out * w_out).sum().backward()
+            dX, dW, dz = Xs.grad, Ws.grad, z.grad
+            assert z.dtype == torch.bfloat16 and dz.dtype == torch.bfloat16
+        assert dX.dtype == torch.float32 and dW.dtype == torch.float32
+        res[side] = (out, dX, dW)
+    assert seen and set(seen) == {torch.bfloat16}
+    out_n, dX_n, dW_n = res["naive"]
+    for side in ("ours", "ours_fp32_dx"):
+        torch.testing.assert_close(res[side][0], out_n, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(res["ours"][1], dX_n, rtol=1e-6, atol=1e-7)  # the same bf16-rounded dX
+    W16 = W.to(torch.bfloat16).float()
+    X16 = X.to(torch.bfloat16).float()
+    want_dx = dz.float() @ W16  # bf16 operands, float32 result
+    torch.testing.assert_close(res["ours_fp32_dx"][1], want_dx, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(res["ours_fp32_dx"][1], dX_n, rtol=1e-6, atol=0)  # the two modes do differ
+    want_dw = dz.float().t() @ X16
+    for side in ("ours", "ours_fp32_dx"):
+        torch.testing.assert_close(res[side][2], want_dw, rtol=1e-5, atol=1e-6)
+    assert rel_err(dW_n, want_dw) > 0  # the naive path rounds dW to bf16; ours does not

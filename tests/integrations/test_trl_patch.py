@@ -211,3 +211,26 @@ def test_unrecognised_model_falls_back_with_a_named_reason(tmp_path, broken):
     assert calls["n"] == 2
     msgs = [str(x.message) for x in w if "falling back" in str(x.message)]
     assert len(msgs) == 1 and expect in msgs[0], msgs
+
+
+def test_foreign_forward_hook_on_lm_head_falls_back(tmp_path):
+    """A forward hook on lm_head (not an engine's) expects logits, which the chunked head never forms: TRL's own
+    method runs, with one warning naming the hook, and the hook's effect on the numbers is kept."""
+    tr = make_trainer(tmp_path)
+    inputs = generate(tr, generation_batch(tr, 1))
+
+    def scale_logits(module, args, out):
+        return out * 0.5
+
+    handle = tr.model.get_output_embeddings().register_forward_hook(scale_logits)
+    try:
+        la, ga = loss_and_grads(tr, inputs)
+        trl_grpo._WARNED.clear()
+        with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
+            with pytest.warns(UserWarning, match="scale_logits"):
+                lb, gb = loss_and_grads(tr, inputs)
+        assert spy["n"] == 0
+        torch.testing.assert_close(lb, la, rtol=0, atol=0)
+        assert_grads_close(ga, gb, rtol=0, atol=0)
+    finally:
+        handle.remove()

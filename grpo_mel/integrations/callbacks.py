@@ -4,8 +4,15 @@ The peak is reset at ``on_step_begin`` and read at ``on_step_end``, so each valu
 optimizer step: all its gradient-accumulation micro-steps, forward and backward, the optimizer step and,
 for GRPO, the generation of the completions (TRL generates inside the training step). The value is
 added to the next ``on_log`` (the max over the steps since the previous log, so set ``logging_steps=1``
-for one value per step) and so appears in ``trainer.state.log_history``; every step is also kept in
-``callback.steps`` whatever the logging interval. ``callback.summary()`` returns a table.
+for one value per step) and so appears in ``trainer.state.log_history``, in every reporter (TensorBoard,
+W&B, MLflow, trackio, ...) and on the console; every step is also kept in ``callback.steps`` whatever the
+logging interval. ``callback.summary()`` returns a table.
+
+Ordering: transformers calls ``on_log`` on its callbacks in list order, and builds that list as its
+defaults (including the console printer), then the ``report_to`` reporters, then the user's callbacks
+(``callbacks=[...]`` or ``add_callback``), so a value added to ``logs`` by a user callback would come
+after everything had been written. At its first event (``on_init_end``, or ``on_train_begin`` for a
+callback added later) this callback therefore moves itself to the front of the Trainer's callback list.
 
 Logged key, by measure:
 
@@ -29,10 +36,12 @@ from __future__ import annotations
 
 import resource
 import sys
+import warnings
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 __all__ = ["PeakMemoryCallback"]
 
@@ -139,8 +148,35 @@ class PeakMemoryCallback(TrainerCallback):
         prof.__exit__(None, None, None)
         return {self.key: prof.peak_bytes / _GIB}
 
+    def _go_first(self) -> None:
+        """Move this callback to the front of the CallbackHandler that is calling it, so that its ``on_log``
+        adds the peak to ``logs`` before the printer and the reporters read them (see the module docstring).
+
+        The handler does not pass itself to the callbacks: it is found as ``self`` of a calling frame
+        (``CallbackHandler.call_event``). Moving the item being visited from index i to 0 while the handler
+        iterates its list is safe: items 0..i-1 shift to 1..i, so the iteration continues at the item after
+        this one and every callback is still called exactly once.
+        """
+        frame = sys._getframe(1)
+        while frame is not None:
+            handler = frame.f_locals.get("self")
+            if isinstance(handler, CallbackHandler) and any(cb is self for cb in handler.callbacks):
+                cbs = handler.callbacks
+                cbs.insert(0, cbs.pop(next(i for i, cb in enumerate(cbs) if cb is self)))
+                return
+            frame = frame.f_back
+        warnings.warn("PeakMemoryCallback could not find the Trainer's callback list to go first in it: the peak "
+                      "is in trainer.state.log_history, but reporters and the console may not show it", stacklevel=2)
+
     # ---------------------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, **kwargs):
+        self._go_first()
+
     def on_train_begin(self, args, state, control, **kwargs):
+        self._go_first()
+        self._resolve_device(args)
+
+    def _resolve_device(self, args) -> None:
         if self.device is None:
             dev = getattr(args, "device", None)
             self.device = torch.device(dev) if dev is not None else torch.device(
@@ -153,7 +189,7 @@ class PeakMemoryCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.device is None:
-            self.on_train_begin(args, state, control)
+            self._resolve_device(args)
         if self._in_step and self._prof is not None:  # a step that never ended (should not happen)
             self._prof.__exit__(None, None, None)
             self._prof = None
@@ -173,7 +209,7 @@ class PeakMemoryCallback(TrainerCallback):
             return  # nothing new, or the end-of-training summary log
         value = round(max(self._pending), 6)
         self._pending.clear()
-        logs[self.key] = value  # callbacks after this one (reporters) see it
+        logs[self.key] = value  # this callback is first in the list (_go_first): the printer and reporters see it
         # Trainer.log appended a copy of ``logs`` to log_history before calling on_log: update that copy
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1][self.key] = value

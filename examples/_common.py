@@ -333,12 +333,27 @@ def print_curves(runs: list[RunResult], key: str = "loss") -> None:
         print(f"{i + 1:>5} " + " ".join(cells) + d)
 
 
+def peak_table(runs: list[RunResult]) -> str:
+    """The runs' peaks per optimizer step (GiB, from each run's PeakMemoryCallback) side by side, each run's
+    maximum and, for two runs, the ratio of their maxima."""
+    key = runs[0].peak_key or "peak"
+    per_run = [{s["step"]: s[r.peak_key] for s in r.callback.steps} for r in runs]
+    col = max(12, *(len(r.label) for r in runs))
+    head = f"{'step':>6} " + " ".join(f"{r.label:>{col}}" for r in runs)
+    lines = [f"{key} per optimizer step (GiB)", head, "-" * len(head)]
+    for st in sorted({st for p in per_run for st in p}):
+        lines.append(f"{st:>6} " + " ".join(f"{p[st]:>{col}.4f}" if st in p else f"{'-':>{col}}" for p in per_run))
+    maxes = [max(p.values()) if p else None for p in per_run]
+    lines.append(f"{'max':>6} " + " ".join(f"{m:>{col}.4f}" if m is not None else f"{'-':>{col}}" for m in maxes))
+    if len(runs) == 2 and all(maxes):
+        lines.append(f"{runs[1].label} / {runs[0].label} max peak: {maxes[1] / maxes[0]:.3f}")
+    return "\n".join(lines)
+
+
 def print_memory(runs: list[RunResult]) -> None:
-    if not runs:
-        return
-    cbs = [r.callback for r in runs]
-    print()
-    print(cbs[0].summary(others=cbs[1:]))
+    if runs:
+        print()
+        print(peak_table(runs))
 
 
 def plot_peaks(runs: list[RunResult], path: str, title: str) -> str:

@@ -6,7 +6,8 @@ for GRPO, the generation of the completions (TRL generates inside the training s
 added to the next ``on_log`` (the max over the steps since the previous log, so set ``logging_steps=1``
 for one value per step) and so appears in ``trainer.state.log_history``, in every reporter (TensorBoard,
 W&B, MLflow, trackio, ...) and on the console; every step is also kept in ``callback.steps`` whatever the
-logging interval. ``callback.summary()`` returns a table.
+logging interval. The callback only measures and logs; tables and plots are the caller's (the examples'
+``peak_table``).
 
 Ordering: transformers calls ``on_log`` on its callbacks in list order, and builds that list as its
 defaults (including the console printer), then the ``report_to`` reporters, then the user's callbacks
@@ -82,8 +83,7 @@ class PeakMemoryCallback(TrainerCallback):
             (``args.device``).
         cpu_measure: on CPU, ``"rss"`` (process peak RSS, key ``peak_rss_gb``) or ``"torch"`` (torch
             allocator peak above the step's starting level via torch.profiler, key ``peak_cpu_alloc_gb``).
-        print_summary: print :meth:`summary` at the end of training.
-        label: a name for this run in the summary (e.g. ``"patched"``).
+        label: a name for this run, kept in each record of ``steps`` as ``"run"`` (e.g. ``"patched"``).
 
     Attributes:
         steps: one dict per optimizer step: ``{"step": global_step, <key>: GiB, ...}``.
@@ -91,12 +91,11 @@ class PeakMemoryCallback(TrainerCallback):
     """
 
     def __init__(self, device: str | torch.device | None = None, cpu_measure: str = "rss",
-                 print_summary: bool = False, label: str | None = None):
+                 label: str | None = None):
         if cpu_measure not in ("rss", "torch"):
             raise ValueError(f"cpu_measure must be 'rss' or 'torch', got {cpu_measure!r}")
         self.device = torch.device(device) if device is not None else None
         self.cpu_measure = cpu_measure
-        self.print_summary = print_summary
         self.label = label
         self.steps: list[dict[str, Any]] = []
         self.key: str | None = None
@@ -219,30 +218,3 @@ class PeakMemoryCallback(TrainerCallback):
             self._prof.__exit__(None, None, None)
             self._prof = None
             self._in_step = False
-        if self.print_summary:
-            print(self.summary())
-
-    # ---------------------------------------------------------------------------------------------
-    def summary(self, others: list["PeakMemoryCallback"] | None = None, print_it: bool = False) -> str:
-        """A per-step table of the peaks (GiB), with this run's and ``others``' columns side by side."""
-        runs = [self, *(others or [])]
-        names = [r.label or f"run{i}" for i, r in enumerate(runs)]
-        key = self.key or "peak"
-        steps = sorted({s["step"] for r in runs for s in r.steps})
-        col = max(12, *(len(n) for n in names))
-        head = f"{'step':>6} " + " ".join(f"{n:>{col}}" for n in names)
-        lines = [f"{key} per optimizer step (GiB)", head, "-" * len(head)]
-        for st in steps:
-            cells = []
-            for r in runs:
-                v = next((s[r.key] for s in r.steps if s["step"] == st), None)
-                cells.append(f"{v:>{col}.4f}" if v is not None else f"{'-':>{col}}")
-            lines.append(f"{st:>6} " + " ".join(cells))
-        maxes = [r.max_peak for r in runs]
-        lines.append(f"{'max':>6} " + " ".join(f"{m:>{col}.4f}" if m is not None else f"{'-':>{col}}" for m in maxes))
-        if len(runs) == 2 and all(m for m in maxes):
-            lines.append(f"{names[1]} / {names[0]} max peak: {maxes[1] / maxes[0]:.3f}")
-        text = "\n".join(lines)
-        if print_it:
-            print(text)
-        return text

@@ -9,12 +9,14 @@ import contextlib
 import copy
 import ctypes
 import gc
+import importlib.util
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -66,6 +68,45 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# optional pieces, checked when the arguments are parsed (before any model is built)
+# --------------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def fail(parser, msg: str) -> NoReturn:
+    """Stop before any work: one line on stderr, exit status 2 (argparse's status for bad arguments)."""
+    parser.exit(2, f"{parser.prog}: error: {msg}\n")
+
+
+def require_module(parser, what: str, module: str, extra: str) -> None:
+    """``what`` (e.g. ``"--plot"``) needs ``module``: fail with the install command if it is not installed."""
+    if importlib.util.find_spec(module) is None:
+        fail(parser, f'{what} needs {module}, which is not installed: pip install "grpo_mel[{extra}]"')
+
+
+def require_bf16(parser, what: str) -> None:
+    """bfloat16 runs on the CPU (torch's CPU autocast) and on CUDA GPUs with bf16 support; transformers
+    refuses ``bf16=True`` on a GPU without it (after the model is built), so refuse it here first."""
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        fail(parser, f"{what}: this GPU ({torch.cuda.get_device_name()}) has no bfloat16 support, which "
+                     "transformers requires for bf16 training; run in float32")
+
+
+def require_model(parser, name: str) -> None:
+    """``--model``: a built-in name, a local model directory (with config.json) or a hub id (org/name)."""
+    if name in (TINY, LLAMA_1B_RANDOM):
+        return
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            fail(parser, f"--model {name}: the directory has no config.json (not a saved transformers model)")
+        return
+    if not _HUB_ID.fullmatch(name):
+        fail(parser, f"--model {name}: no such directory (give a local model directory, a hub id such as "
+                     f"org/name, '{TINY}' or '{LLAMA_1B_RANDOM}')")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,12 +333,27 @@ def print_curves(runs: list[RunResult], key: str = "loss") -> None:
         print(f"{i + 1:>5} " + " ".join(cells) + d)
 
 
+def peak_table(runs: list[RunResult]) -> str:
+    """The runs' peaks per optimizer step (GiB, from each run's PeakMemoryCallback) side by side, each run's
+    maximum and, for two runs, the ratio of their maxima."""
+    key = runs[0].peak_key or "peak"
+    per_run = [{s["step"]: s[r.peak_key] for s in r.callback.steps} for r in runs]
+    col = max(12, *(len(r.label) for r in runs))
+    head = f"{'step':>6} " + " ".join(f"{r.label:>{col}}" for r in runs)
+    lines = [f"{key} per optimizer step (GiB)", head, "-" * len(head)]
+    for st in sorted({st for p in per_run for st in p}):
+        lines.append(f"{st:>6} " + " ".join(f"{p[st]:>{col}.4f}" if st in p else f"{'-':>{col}}" for p in per_run))
+    maxes = [max(p.values()) if p else None for p in per_run]
+    lines.append(f"{'max':>6} " + " ".join(f"{m:>{col}.4f}" if m is not None else f"{'-':>{col}}" for m in maxes))
+    if len(runs) == 2 and all(maxes):
+        lines.append(f"{runs[1].label} / {runs[0].label} max peak: {maxes[1] / maxes[0]:.3f}")
+    return "\n".join(lines)
+
+
 def print_memory(runs: list[RunResult]) -> None:
-    if not runs:
-        return
-    cbs = [r.callback for r in runs]
-    print()
-    print(cbs[0].summary(others=cbs[1:]))
+    if runs:
+        print()
+        print(peak_table(runs))
 
 
 def plot_peaks(runs: list[RunResult], path: str, title: str) -> str:

@@ -36,7 +36,7 @@ Commands (from the repository root)::
     python examples/grpo_reward_task.py --model llama-1b-random --finetune lora --bf16 \\
         --num-generations 8 --max-completion-length 512 --steps 5 --compare --plot outputs/grpo_1b.png
 
-    # real weights (local path or hub id) and vLLM generation (needs vllm installed)
+    # real weights (local path or hub id) and vLLM generation (pip install "grpo_mel[vllm]"; a CUDA GPU)
     python examples/grpo_reward_task.py --model meta-llama/Llama-3.2-1B-Instruct --bf16 --use-vllm
 """
 
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import sys
 import time
@@ -133,6 +132,7 @@ def run_once(src: C.ModelSource, args, patched: bool, dataset) -> C.RunResult:
         data_seed=args.seed,
         bf16=args.bf16,
         use_vllm=args.use_vllm,
+        vllm_mode="colocate",  # vLLM inside this process (TRL's default on some versions is an external server)
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
@@ -163,7 +163,9 @@ def parse_args(argv=None):
                         "architecture, random weights, vocab 128256), or a local path / hub id")
     p.add_argument("--finetune", default="lora", choices=["lora", "qlora", "full"],
                    help="lora (default), qlora (bitsandbytes 4-bit base + LoRA) or full")
-    p.add_argument("--use-vllm", action="store_true", help="generate with vLLM (GRPOConfig(use_vllm=True))")
+    p.add_argument("--use-vllm", action="store_true",
+                   help="generate with vLLM in this process (GRPOConfig(use_vllm=True, vllm_mode='colocate'); "
+                        "needs vllm and a CUDA GPU)")
     p.add_argument("--compare", action="store_true", help="run unpatched then patched on the same seed")
     p.add_argument("--no-patch", action="store_true", help="run TRL unpatched only")
     p.add_argument("--steps", type=int, default=10)
@@ -175,7 +177,8 @@ def parse_args(argv=None):
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--lora-alpha", type=int, default=64)
-    p.add_argument("--bf16", action="store_true", help="bfloat16 weights and mixed precision")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 weights and mixed precision (on the CPU too, via torch's CPU autocast)")
     p.add_argument("--chunk-size", type=int, default=None, help="rows per LM-head chunk (default: planned)")
     p.add_argument("--memory-budget", type=float, default=None, help="bytes per chunk when --chunk-size is unset")
     p.add_argument("--cpu-measure", default="rss", choices=["rss", "torch"],
@@ -195,6 +198,19 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.compare and args.no_patch:
         p.error("--compare already runs unpatched and patched; drop --no-patch")
+    # what the flags need, checked now rather than after minutes of training
+    C.require_model(p, args.model)
+    if args.plot:
+        C.require_module(p, "--plot", "matplotlib", "plot")
+    if args.finetune == "qlora":
+        C.require_module(p, "--finetune qlora", "bitsandbytes", "bnb")
+    if args.use_vllm:
+        C.require_module(p, "--use-vllm", "vllm", "vllm")
+        if not torch.cuda.is_available():
+            C.fail(p, "--use-vllm: vLLM generation (colocated with training) needs a CUDA GPU, and none is visible; "
+                      "run without --use-vllm to generate with transformers")
+    if args.bf16:
+        C.require_bf16(p, "--bf16")
     return args
 
 
@@ -202,9 +218,6 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     C.quiet()
     C.set_threads(args.threads, args.model)
-    if args.use_vllm and importlib.util.find_spec("vllm") is None:
-        raise SystemExit("--use-vllm: vllm is not installed (pip install 'grpo_mel[vllm]' or pip install vllm); "
-                         "run without --use-vllm to generate with transformers")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     src = C.ModelSource(args.model, dtype=dtype, load_in_4bit=args.finetune == "qlora", tiny_vocab=args.tiny_vocab,
                         tiny_hidden=args.tiny_hidden, tiny_layers=args.tiny_layers, seed=0).prepare()

@@ -178,7 +178,16 @@ def parse_args(argv=None):
     p.add_argument("--tolerance", type=float, default=None,
                    help="exit with status 1 if max |Δloss| exceeds this (default: report only)")
     p.add_argument("--output-dir", default=os.path.join("outputs", "sft_loss_match"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.full:
+        args.no_4bit = True
+    # what the flags need, checked now rather than after the first run
+    C.require_model(p, args.model)
+    if not args.no_4bit:
+        C.require_module(p, "4-bit loading (the default; --no-4bit turns it off)", "bitsandbytes", "bnb")
+    if args.dtype == "bfloat16":
+        C.require_bf16(p, "--dtype bfloat16")
+    return args
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -193,8 +202,6 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     C.quiet()
     C.set_threads(args.threads, args.model)
-    if args.full:
-        args.no_4bit = True
     dtype = _dtype(args.dtype)
     src = C.ModelSource(args.model, dtype=dtype, load_in_4bit=not args.no_4bit, tiny_vocab=args.tiny_vocab,
                         tiny_hidden=args.tiny_hidden, tiny_layers=args.tiny_layers, seed=0).prepare()

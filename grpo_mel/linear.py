@@ -32,6 +32,7 @@ Two front doors share one Function:
 from __future__ import annotations
 
 import contextvars
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -43,6 +44,7 @@ from .planning import plan_chunk_size, validate_chunk_size, validate_memory_budg
 __all__ = ["MemoryEfficientLinear", "chunked_linear", "output_needs_grad"]
 
 _REDUCTIONS = ("mean", "sum")
+_IGNORE_INDEX = -100  # torch's cross_entropy default, the seed convention's labels
 
 
 #: Indices of f's outputs that receive a gradient, while the backward recomputes a chunk; None otherwise.
@@ -82,13 +84,25 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     Rounding each chunk's dW contribution to bf16 before summing would add one rounding error per
     chunk; accumulating in fp32 keeps dW at least as accurate as the full-logits GEMM.
     """
-    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (TypeError, RuntimeError):  # torch without out_dtype support
-            pass
+    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16) and _addmm_out_fp32(acc, a, b):
+        return
     acc.addmm_(a.float(), b.float())
+
+
+def _addmm_out_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.addmm(acc, a, b, out_dtype=float32, out=acc)``; False where this torch cannot do it.
+
+    Only "no ``out_dtype`` support" is caught: a torch whose ``addmm`` has no such keyword (TypeError), no
+    kernel for the device (NotImplementedError, "addmm.dtype_out"), or one that rejects this combination of
+    dtypes (a RuntimeError naming the dtypes). Anything else, out-of-memory included, propagates.
+    """
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError) as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "dtype" not in str(e):
+            raise
+        return False
+    return True
 
 
 class _LogitsStandIn(nn.Module):
@@ -135,6 +149,22 @@ class _Options:
     fp32_grad_input: bool  # see chunked_linear
 
 
+def _warn_mean_over_ignored_labels(out, labels: torch.Tensor, reduction: str) -> None:
+    """The seed convention weights a scalar f's chunks by their share of rows: exact for a mean over all rows,
+    not for a mean over the labels that are not ignored (cross-entropy's default), so say so when it applies."""
+    scalar = any(o.dim() == 0 for o in _as_tuple(out))
+    if reduction == "mean" and scalar and bool((labels == _IGNORE_INDEX).any()):
+        warnings.warn(
+            "MemoryEfficientLinear.apply: forward_function returned a scalar, which reduction='mean' combines over "
+            f"chunks by their share of rows, and labels contain {_IGNORE_INDEX} (ignored). A mean over the "
+            "labels that are not ignored (e.g. cross_entropy's default) then differs from the full-batch value "
+            "(NaN if a chunk has only ignored labels). For cross-entropy use grpo_mel.linear_cross_entropy(X, "
+            "linear.weight, labels, bias=linear.bias); otherwise return a sum per chunk, pass reduction='sum' and "
+            f"divide by (labels != {_IGNORE_INDEX}).sum().",
+            UserWarning, stacklevel=3,
+        )
+
+
 def _chunk_logits(x_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # [c, H] @ [H, V] -> [c, V], in X's dtype (the float32 upcast is f's first step)
     return torch.nn.functional.linear(x_c, weight, bias)
@@ -159,10 +189,12 @@ class MemoryEfficientLinear(torch.autograd.Function):
             fn = _SeedFunction(forward_function, linear)
             # X rides along as a row argument only so f can be handed its chunk's rows; detached, it gets no
             # gradient of its own (the stand-in linear ignores it: dX comes through the logits)
-            return chunked_linear(
+            out = chunked_linear(
                 X, linear.weight, fn, X.detach(), labels, bias=getattr(linear, "bias", None),
                 chunk_size=chunk_size, reduction=reduction,
             )
+            _warn_mean_over_ignored_labels(out, labels, reduction)
+            return out
         return super().apply(*args, **kwargs)
 
     @staticmethod

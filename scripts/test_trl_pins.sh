@@ -21,7 +21,7 @@ declare -A PINS=(
   [1.14.2]="trl==1.14.2 transformers==4.57.6 peft==0.18.1 accelerate==1.12.0 datasets==4.8.5 bitsandbytes==0.50.2"
 )
 ORDER=(0.19.1 1.14.2)
-TOOLS="pytest hypothesis tokenizers"
+TOOLS="pytest hypothesis tokenizers tensorboard"
 
 if [ "$#" -gt 0 ]; then ORDER=("$@"); fi
 

@@ -4,8 +4,16 @@ The peak is reset at ``on_step_begin`` and read at ``on_step_end``, so each valu
 optimizer step: all its gradient-accumulation micro-steps, forward and backward, the optimizer step and,
 for GRPO, the generation of the completions (TRL generates inside the training step). The value is
 added to the next ``on_log`` (the max over the steps since the previous log, so set ``logging_steps=1``
-for one value per step) and so appears in ``trainer.state.log_history``; every step is also kept in
-``callback.steps`` whatever the logging interval. ``callback.summary()`` returns a table.
+for one value per step) and so appears in ``trainer.state.log_history``, in every reporter (TensorBoard,
+W&B, MLflow, trackio, ...) and on the console; every step is also kept in ``callback.steps`` whatever the
+logging interval. The callback only measures and logs; tables and plots are the caller's (the examples'
+``peak_table``).
+
+Ordering: transformers calls ``on_log`` on its callbacks in list order, and builds that list as its
+defaults (including the console printer), then the ``report_to`` reporters, then the user's callbacks
+(``callbacks=[...]`` or ``add_callback``), so a value added to ``logs`` by a user callback would come
+after everything had been written. At its first event (``on_init_end``, or ``on_train_begin`` for a
+callback added later) this callback therefore moves itself to the front of the Trainer's callback list.
 
 Logged key, by measure:
 
@@ -29,10 +37,12 @@ from __future__ import annotations
 
 import resource
 import sys
+import warnings
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 __all__ = ["PeakMemoryCallback"]
 
@@ -73,8 +83,7 @@ class PeakMemoryCallback(TrainerCallback):
             (``args.device``).
         cpu_measure: on CPU, ``"rss"`` (process peak RSS, key ``peak_rss_gb``) or ``"torch"`` (torch
             allocator peak above the step's starting level via torch.profiler, key ``peak_cpu_alloc_gb``).
-        print_summary: print :meth:`summary` at the end of training.
-        label: a name for this run in the summary (e.g. ``"patched"``).
+        label: a name for this run, kept in each record of ``steps`` as ``"run"`` (e.g. ``"patched"``).
 
     Attributes:
         steps: one dict per optimizer step: ``{"step": global_step, <key>: GiB, ...}``.
@@ -82,12 +91,11 @@ class PeakMemoryCallback(TrainerCallback):
     """
 
     def __init__(self, device: str | torch.device | None = None, cpu_measure: str = "rss",
-                 print_summary: bool = False, label: str | None = None):
+                 label: str | None = None):
         if cpu_measure not in ("rss", "torch"):
             raise ValueError(f"cpu_measure must be 'rss' or 'torch', got {cpu_measure!r}")
         self.device = torch.device(device) if device is not None else None
         self.cpu_measure = cpu_measure
-        self.print_summary = print_summary
         self.label = label
         self.steps: list[dict[str, Any]] = []
         self.key: str | None = None
@@ -139,8 +147,35 @@ class PeakMemoryCallback(TrainerCallback):
         prof.__exit__(None, None, None)
         return {self.key: prof.peak_bytes / _GIB}
 
+    def _go_first(self) -> None:
+        """Move this callback to the front of the CallbackHandler that is calling it, so that its ``on_log``
+        adds the peak to ``logs`` before the printer and the reporters read them (see the module docstring).
+
+        The handler does not pass itself to the callbacks: it is found as ``self`` of a calling frame
+        (``CallbackHandler.call_event``). Moving the item being visited from index i to 0 while the handler
+        iterates its list is safe: items 0..i-1 shift to 1..i, so the iteration continues at the item after
+        this one and every callback is still called exactly once.
+        """
+        frame = sys._getframe(1)
+        while frame is not None:
+            handler = frame.f_locals.get("self")
+            if isinstance(handler, CallbackHandler) and any(cb is self for cb in handler.callbacks):
+                cbs = handler.callbacks
+                cbs.insert(0, cbs.pop(next(i for i, cb in enumerate(cbs) if cb is self)))
+                return
+            frame = frame.f_back
+        warnings.warn("PeakMemoryCallback could not find the Trainer's callback list to go first in it: the peak "
+                      "is in trainer.state.log_history, but reporters and the console may not show it", stacklevel=2)
+
     # ---------------------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, **kwargs):
+        self._go_first()
+
     def on_train_begin(self, args, state, control, **kwargs):
+        self._go_first()
+        self._resolve_device(args)
+
+    def _resolve_device(self, args) -> None:
         if self.device is None:
             dev = getattr(args, "device", None)
             self.device = torch.device(dev) if dev is not None else torch.device(
@@ -153,7 +188,7 @@ class PeakMemoryCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.device is None:
-            self.on_train_begin(args, state, control)
+            self._resolve_device(args)
         if self._in_step and self._prof is not None:  # a step that never ended (should not happen)
             self._prof.__exit__(None, None, None)
             self._prof = None
@@ -173,7 +208,7 @@ class PeakMemoryCallback(TrainerCallback):
             return  # nothing new, or the end-of-training summary log
         value = round(max(self._pending), 6)
         self._pending.clear()
-        logs[self.key] = value  # callbacks after this one (reporters) see it
+        logs[self.key] = value  # this callback is first in the list (_go_first): the printer and reporters see it
         # Trainer.log appended a copy of ``logs`` to log_history before calling on_log: update that copy
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1][self.key] = value
@@ -183,30 +218,3 @@ class PeakMemoryCallback(TrainerCallback):
             self._prof.__exit__(None, None, None)
             self._prof = None
             self._in_step = False
-        if self.print_summary:
-            print(self.summary())
-
-    # ---------------------------------------------------------------------------------------------
-    def summary(self, others: list["PeakMemoryCallback"] | None = None, print_it: bool = False) -> str:
-        """A per-step table of the peaks (GiB), with this run's and ``others``' columns side by side."""
-        runs = [self, *(others or [])]
-        names = [r.label or f"run{i}" for i, r in enumerate(runs)]
-        key = self.key or "peak"
-        steps = sorted({s["step"] for r in runs for s in r.steps})
-        col = max(12, *(len(n) for n in names))
-        head = f"{'step':>6} " + " ".join(f"{n:>{col}}" for n in names)
-        lines = [f"{key} per optimizer step (GiB)", head, "-" * len(head)]
-        for st in steps:
-            cells = []
-            for r in runs:
-                v = next((s[r.key] for s in r.steps if s["step"] == st), None)
-                cells.append(f"{v:>{col}.4f}" if v is not None else f"{'-':>{col}}")
-            lines.append(f"{st:>6} " + " ".join(cells))
-        maxes = [r.max_peak for r in runs]
-        lines.append(f"{'max':>6} " + " ".join(f"{m:>{col}.4f}" if m is not None else f"{'-':>{col}}" for m in maxes))
-        if len(runs) == 2 and all(m for m in maxes):
-            lines.append(f"{names[1]} / {names[0]} max peak: {maxes[1] / maxes[0]:.3f}")
-        text = "\n".join(lines)
-        if print_it:
-            print(text)
-        return text

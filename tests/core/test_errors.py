@@ -410,3 +410,61 @@ def test_empty_input_scalar_output_dtype_matches_nonempty():
     empty = chunked_linear(torch.randn(0, 4, dtype=torch.bfloat16), W, f)
     full = chunked_linear(torch.randn(3, 4, dtype=torch.bfloat16), W, f)
     assert empty.dtype == full.dtype
+
+
+# ----------------------------------------------------------------------------- dW accumulation: what is caught
+
+def _half_operands():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 3, generator=g).bfloat16()
+    b = torch.randn(3, 4, generator=g).bfloat16()
+    return torch.zeros(5, 4), a, b
+
+
+def _raising_addmm(monkeypatch, exc):
+    def addmm(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+
+
+@pytest.mark.parametrize("exc", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+], ids=["oom", "cuda-error"])
+def test_addmm_out_fp32_lets_real_errors_through(monkeypatch, exc):
+    """Out-of-memory (and any other failure) in the fp32-output GEMM is raised, not hidden by the fallback."""
+    from grpo_mel.linear import _addmm_out_fp32
+
+    acc, a, b = _half_operands()
+    _raising_addmm(monkeypatch, exc)
+    with pytest.raises(type(exc), match=str(exc)[:20]):
+        _addmm_out_fp32(acc, a, b)
+
+
+@pytest.mark.parametrize("exc", [
+    TypeError("addmm() received an invalid combination of arguments - got (Tensor, Tensor, Tensor, "
+              "out_dtype=torch.dtype, out=Tensor)"),  # a torch without the keyword
+    NotImplementedError("Could not run 'aten::addmm.dtype_out' with arguments from the 'CUDA' backend"),
+    RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16"),
+], ids=["no-keyword", "no-kernel", "dtype-combination"])
+def test_addmm_out_fp32_reports_no_out_dtype_support(monkeypatch, exc):
+    from grpo_mel.linear import _addmm_out_fp32
+
+    acc, a, b = _half_operands()
+    _raising_addmm(monkeypatch, exc)
+    assert _addmm_out_fp32(acc, a, b) is False
+    assert not acc.any()
+
+
+def test_addmm_out_fp32_on_this_torch_cpu_falls_back():
+    """This torch has no CPU kernel for addmm's out_dtype (its real error is the "no support" case); the
+    fallback accumulates the fp32 product."""
+    from grpo_mel.linear import _addmm_fp32, _addmm_out_fp32
+
+    acc, a, b = _half_operands()
+    if _addmm_out_fp32(acc, a, b):
+        pytest.skip("this torch has an out_dtype addmm on the CPU")
+    _addmm_fp32(acc, a, b)
+    _addmm_fp32(acc, a, b)
+    torch.testing.assert_close(acc, 2 * (a.double() @ b.double()).float())

@@ -10,6 +10,8 @@ differentiates a detached copy instead; ``test_seed_naive_linear_verbatim_double
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -222,10 +224,11 @@ def test_seed_naive_linear_verbatim_doubles_dx():
     torch.testing.assert_close(X.grad, 2 * X2.grad)
 
 
+@pytest.mark.filterwarnings("ignore:MemoryEfficientLinear.apply")  # the warning is tested below
 @pytest.mark.xfail(strict=True, reason=(
     "LIMITATION (documented in docs/limits.md): seed convention + CrossEntropyLoss(reduction='mean') with ignored (-100) labels: chunk "
     "means are weighted by rows, not by non-ignored tokens, and a chunk whose labels are all ignored gives "
-    "NaN for the whole loss (naive: finite). linear_cross_entropy is exact; the seed path is not."))
+    "NaN for the whole loss (naive: finite). The call warns; linear_cross_entropy is exact, the seed path is not."))
 def test_seed_convention_ce_mean_with_ignored_labels():
     torch.manual_seed(0)
     X = torch.randn(2, 8, 4)
@@ -234,3 +237,54 @@ def test_seed_convention_ce_mean_with_ignored_labels():
     labels[0, :5] = -100  # the first chunk of 4 rows is entirely ignored
     ours = MemoryEfficientLinear.apply(X, lin, labels, transformation_function, 4)
     assert_close_fp32(ours.detach(), transformation_function(X, lin, labels).detach())
+
+
+def _ignored_labels_case():
+    torch.manual_seed(0)
+    X = torch.randn(2, 8, 4, requires_grad=True)
+    lin = nn.Linear(4, 30)
+    labels = torch.randint(0, 30, (2, 8))
+    labels[0, :3] = -100
+    labels[1, 6] = -100
+    return X, lin, labels
+
+
+def test_seed_convention_mean_with_ignored_labels_warns_and_the_named_fixes_are_exact():
+    """A scalar f, reduction='mean' and ignored labels: the call warns (the result is not the full-batch mean),
+    and both remedies the warning names give the full-batch cross-entropy, value and gradients."""
+    X, lin, labels = _ignored_labels_case()
+    with pytest.warns(UserWarning, match=r"labels contain -100.*linear_cross_entropy.*reduction='sum'"):
+        ours = MemoryEfficientLinear.apply(X, lin, labels, transformation_function, 4)
+    ref = transformation_function(X, lin, labels)
+    assert not torch.allclose(ours, ref)  # the number the warning is about
+
+    def ce_sum(batch, linear, labels):
+        x = linear(batch).float()
+        return CrossEntropyLoss(reduction="sum")(x.view(-1, x.shape[-1]), labels.view(-1))
+
+    ref_grads = torch.autograd.grad(ref, (X, lin.weight, lin.bias))
+    summed = MemoryEfficientLinear.apply(X, lin, labels, ce_sum, 4, "sum") / (labels != -100).sum()
+    from grpo_mel import linear_cross_entropy
+
+    fused = linear_cross_entropy(X, lin.weight, labels, bias=lin.bias, chunk_size=4)
+    for got in (summed, fused):
+        assert_close_fp32(got, ref, what="loss")
+        for g, r in zip(torch.autograd.grad(got, (X, lin.weight, lin.bias)), ref_grads):
+            assert_close_fp32(g, r, what="grad")
+
+
+@pytest.mark.parametrize("case", ["no-ignored-label", "sum", "per-row"])
+def test_seed_convention_no_warning_where_exact(case):
+    X, lin, labels = _ignored_labels_case()
+    f, extra = transformation_function, (4,)
+    if case == "no-ignored-label":
+        labels = labels.clamp(min=0)
+    elif case == "sum":
+        extra = (4, "sum")
+    else:
+        def f(batch, linear, labels):
+            x = linear(batch).float()
+            return CrossEntropyLoss(reduction="none")(x.view(-1, x.shape[-1]), labels.view(-1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MemoryEfficientLinear.apply(X, lin, labels, f, *extra)

@@ -98,12 +98,3 @@ def test_sft_example_comparison_can_fail(monkeypatch):
                     "--output-dir", "/tmp/grpo_mel_test_outputs/sft_fail"])
     assert res["max_abs_diff"] > TOL
 
-
-def test_use_vllm_fails_clearly_when_missing():
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vllm is installed")
-    mod = load_example("grpo_reward_task")
-    with pytest.raises(SystemExit, match="vllm is not installed"):
-        mod.main(["--use-vllm", "--steps", "1"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import warnings
 from typing import Any, Callable
@@ -46,6 +47,7 @@ _STATE: dict[str, Any] = {
     "options": {},
 }
 _WARNED: set[str] = set()
+_LOG = logging.getLogger("grpo_mel")
 
 _MM_KWARGS = (
     "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
@@ -60,7 +62,7 @@ _MM_KWARGS = (
 def patch_grpo(
     chunk_size: int | None = None,
     memory_budget: float | None = None,
-    override_fused_head: bool = True,
+    override_fused_head: bool | None = None,
     trainer_cls=None,
 ) -> None:
     """Patch ``trl.GRPOTrainer`` (or ``trainer_cls``) to compute per-token log-probs with the chunked LM head.
@@ -68,8 +70,11 @@ def patch_grpo(
     Args:
         chunk_size: rows (completion tokens) per chunk; None plans it from ``memory_budget``.
         memory_budget: bytes for one chunk's working set when ``chunk_size`` is None (see :mod:`grpo_mel.planning`).
-        override_fused_head: on TRL >= 1.15 (which has its own fused LM head), route through grpo_mel (True, the
-            default: measured to use less memory, see docs/compatibility.md) or keep TRL's method (False).
+        override_fused_head: on TRL >= 1.15 (which has its own fused LM head): True routes through grpo_mel, False
+            keeps TRL's method. None (default) decides per device: TRL's head where TRL runs its Triton kernel
+            (CUDA/XPU with Triton), which grpo_mel has not been measured against yet (scripts/gpu_suite.sh);
+            grpo_mel's everywhere else (CPU, MPS, no Triton), where TRL takes its torch fallback, measured to
+            peak far higher (docs/benchmarks.md). The path chosen is logged once per device, naming why.
         trainer_cls: the class to patch (default ``trl.GRPOTrainer``).
 
     Idempotent: a second call only updates the options. Raises :class:`UnsupportedTRLVersion` on a TRL whose
@@ -115,7 +120,7 @@ def is_patched() -> bool:
 
 @contextlib.contextmanager
 def grpo_patched(chunk_size: int | None = None, memory_budget: float | None = None,
-                 override_fused_head: bool = True, trainer_cls=None):
+                 override_fused_head: bool | None = None, trainer_cls=None):
     """``with grpo_patched(chunk_size=...):`` patch for the block; restores the previous state on exit."""
     with _LOCK:
         was = is_patched()
@@ -157,12 +162,43 @@ def _make_replacement(original: Callable, flavour: TRLFlavour) -> Callable:
         if reason is not None:
             _warn_once(reason, reason)
             return original(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
-        if flavour.fused_head and not _STATE["options"].get("override_fused_head", True):
+        if flavour.fused_head and _keep_trl_fused_head(input_ids.device):
             return original(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         return _compute(self, model, input_ids, attention_mask, logits_to_keep, call, flavour)
 
     _grpo_mel_per_token_logps._grpo_mel_patched = True
     return _grpo_mel_per_token_logps
+
+
+def _keep_trl_fused_head(device: torch.device) -> bool:
+    """On TRL >= 1.15, whether this call keeps TRL's own fused LM head (see ``patch_grpo(override_fused_head=)``)."""
+    choice = _STATE["options"].get("override_fused_head")
+    if choice is not None:
+        return not choice
+    keep = _trl_runs_triton(device)
+    key = f"fused-head:{device.type}:{keep}"
+    if key not in _WARNED:
+        _WARNED.add(key)
+        if keep:
+            _LOG.warning("grpo_mel: keeping TRL's fused LM head on %s: TRL runs its Triton kernel there, which grpo_mel "
+                         "has not been measured against yet (scripts/gpu_suite.sh); patch_grpo(override_fused_head="
+                         "True) routes through grpo_mel instead.", device.type)
+        else:
+            _LOG.info("grpo_mel: replacing TRL's fused LM head on %s: TRL takes its torch fallback there (no Triton "
+                      "kernel), which peaks far above grpo_mel's chunked head (docs/benchmarks.md); "
+                      "patch_grpo(override_fused_head=False) keeps TRL's.", device.type)
+    return keep
+
+
+def _trl_runs_triton(device: torch.device) -> bool:
+    """Whether the installed TRL's fused head would run its Triton kernel on ``device``, by TRL's own check."""
+    try:
+        from trl.kernels.chunked_logprob import _use_triton
+    except ImportError:  # a TRL that moved it: the same rule as TRL 1.15 - 1.16's
+        import importlib.util
+
+        return device.type in ("cuda", "xpu") and importlib.util.find_spec("triton") is not None
+    return bool(_use_triton(device))
 
 
 def _bind(flavour: TRLFlavour, args: tuple, kwargs: dict) -> dict | None:

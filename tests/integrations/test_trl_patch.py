@@ -234,3 +234,39 @@ def test_foreign_forward_hook_on_lm_head_falls_back(tmp_path):
         assert_grads_close(ga, gb, rtol=0, atol=0)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("triton_device", [False, True], ids=["cpu-like", "faked-triton-device"])
+@pytest.mark.parametrize("override", [None, True, False])
+def test_fused_head_default_follows_trls_triton_path(tmp_path, monkeypatch, caplog, triton_device, override):
+    """TRL >= 1.15: by default TRL's fused head is kept where TRL would run its Triton kernel (faked here: this
+    machine has no GPU) and replaced elsewhere; override_fused_head=True/False forces either. The choice is logged
+    once, naming why; the numbers are TRL's either way."""
+    import logging
+
+    if not _trl_compat.detect().fused_head:
+        pytest.skip(f"TRL {trl.__version__} has no fused LM head")
+    monkeypatch.setattr(trl_grpo, "_trl_runs_triton", lambda device: triton_device)
+    tr = make_trainer(tmp_path)
+    inputs = generate(tr, generation_batch(tr, 1))
+    la, ga = loss_and_grads(tr, inputs)
+    trl_grpo._WARNED.clear()
+    with caplog.at_level(logging.INFO, logger="grpo_mel"):
+        with grpo_mel.grpo_patched(chunk_size=CHUNK, override_fused_head=override):
+            with count_calls(trl_grpo, "chunked_linear") as spy:
+                lb, gb = loss_and_grads(tr, inputs)
+                loss_and_grads(tr, inputs)
+    ours = override if override is not None else not triton_device
+    assert (spy["n"] > 0) == ours
+    msgs = [r for r in caplog.records if "fused LM head" in r.getMessage()]
+    if override is None:
+        assert len(msgs) == 1, [r.getMessage() for r in msgs]
+        if triton_device:
+            assert msgs[0].levelno == logging.WARNING and "Triton" in msgs[0].getMessage()
+            assert "keeping TRL's" in msgs[0].getMessage()
+        else:
+            assert "replacing TRL's" in msgs[0].getMessage()
+    else:
+        assert not msgs  # an explicit choice needs no explanation
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    assert_grads_close(ga, gb)

@@ -18,6 +18,13 @@ __all__ = [
     "tiny_tokenizer",
     "tiny_llama",
     "tiny_gemma2",
+    "tiny_qwen2",
+    "tiny_qwen3",
+    "tiny_granite",
+    "tiny_cohere",
+    "tiny_mixtral",
+    "tiny_qwen2_moe",
+    "tiny_qwen3_moe",
     "llama_1b_config",
 ]
 
@@ -140,6 +147,111 @@ def tiny_gemma2(vocab_size: int = 1024, hidden_size: int = 64, num_layers: int =
         **_token_ids(tokenizer),
     )
     return _build(Gemma2ForCausalLM, config, seed, dtype)
+
+
+def _dense_kw(vocab_size, hidden_size, num_layers, tie_word_embeddings, tokenizer) -> dict:
+    """The config fields the tiny decoder-only builders share (4 query / 2 key-value heads)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        **_token_ids(tokenizer),
+    )
+
+
+def tiny_qwen2(vocab_size: int = 1024, hidden_size: int = 64, num_layers: int = 2, tie_word_embeddings: bool = True,
+               seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """A ``Qwen2ForCausalLM`` (q/k/v biases; tied embeddings by default, as the small Qwen2.5 models)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**_dense_kw(vocab_size, hidden_size, num_layers, tie_word_embeddings, tokenizer))
+    return _build(Qwen2ForCausalLM, config, seed, dtype)
+
+
+def tiny_qwen3(vocab_size: int = 1024, hidden_size: int = 64, num_layers: int = 2, tie_word_embeddings: bool = True,
+               seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """A ``Qwen3ForCausalLM`` (q/k RMSNorm; tied embeddings by default, as the small Qwen3 models)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(head_dim=hidden_size // 4,
+                         **_dense_kw(vocab_size, hidden_size, num_layers, tie_word_embeddings, tokenizer))
+    return _build(Qwen3ForCausalLM, config, seed, dtype)
+
+
+def tiny_granite(vocab_size: int = 1024, hidden_size: int = 64, num_layers: int = 2, logits_scaling: float = 0.25,
+                 tie_word_embeddings: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 tokenizer=None):
+    """A ``GraniteForCausalLM``: its forward divides the logits by ``logits_scaling`` (here 4x sharper)."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    config = GraniteConfig(logits_scaling=logits_scaling, embedding_multiplier=2.0, residual_multiplier=0.5,
+                           attention_multiplier=0.25,
+                           **_dense_kw(vocab_size, hidden_size, num_layers, tie_word_embeddings, tokenizer))
+    return _build(GraniteForCausalLM, config, seed, dtype)
+
+
+def tiny_cohere(vocab_size: int = 1024, hidden_size: int = 64, num_layers: int = 2, logit_scale: float = 4.0,
+                tie_word_embeddings: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """A ``CohereForCausalLM``: its forward multiplies the logits by ``logit_scale``; tied embeddings."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    config = CohereConfig(logit_scale=logit_scale,
+                          **_dense_kw(vocab_size, hidden_size, num_layers, tie_word_embeddings, tokenizer))
+    return _build(CohereForCausalLM, config, seed, dtype)
+
+
+def _qwen_moe_kw(hidden_size, num_experts, top_k, router_aux_loss_coef, output_router_logits) -> dict:
+    """The MoE fields of the Qwen MoE configs."""
+    return dict(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden_size,
+                decoder_sparse_step=1, output_router_logits=output_router_logits,
+                router_aux_loss_coef=router_aux_loss_coef)
+
+
+def tiny_mixtral(vocab_size: int = 1024, hidden_size: int = 64, num_layers: int = 2, num_experts: int = 4,
+                 top_k: int = 2, router_aux_loss_coef: float = 0.1, output_router_logits: bool = False,
+                 seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """A ``MixtralForCausalLM``: top-``top_k`` of ``num_experts`` experts in every layer.
+
+    TRL >= 1.7 adds the load-balancing loss times ``router_aux_loss_coef`` to the GRPO loss (asking the forward for
+    router logits itself). ``output_router_logits`` (also for the Qwen MoE builders) stays False for GRPOTrainer:
+    with True, ``generate()`` fails in transformers' ``load_balancing_loss_func`` (4.x always, 5.x on padded
+    batches; the cached step's router logits do not match the attention mask)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    # router_jitter_noise=0: no random router noise in train mode, so two forwards route alike
+    config = MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, router_jitter_noise=0.0,
+                           output_router_logits=output_router_logits, router_aux_loss_coef=router_aux_loss_coef,
+                           **_dense_kw(vocab_size, hidden_size, num_layers, False, tokenizer))
+    return _build(MixtralForCausalLM, config, seed, dtype)
+
+
+def tiny_qwen2_moe(vocab_size: int = 1024, hidden_size: int = 64, num_layers: int = 2, num_experts: int = 4,
+                   top_k: int = 2, router_aux_loss_coef: float = 0.1, output_router_logits: bool = False,
+                   seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """A ``Qwen2MoeForCausalLM``: routed experts (un-normalised top-k weights) plus the sigmoid-gated shared expert."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(shared_expert_intermediate_size=hidden_size * 2, norm_topk_prob=False,
+                            **_qwen_moe_kw(hidden_size, num_experts, top_k, router_aux_loss_coef, output_router_logits),
+                            **_dense_kw(vocab_size, hidden_size, num_layers, False, tokenizer))
+    return _build(Qwen2MoeForCausalLM, config, seed, dtype)
+
+
+def tiny_qwen3_moe(vocab_size: int = 1024, hidden_size: int = 64, num_layers: int = 2, num_experts: int = 4,
+                   top_k: int = 2, router_aux_loss_coef: float = 0.1, output_router_logits: bool = False,
+                   seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """A ``Qwen3MoeForCausalLM``: routed experts with normalised top-k weights, q/k RMSNorm."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(head_dim=hidden_size // 4, norm_topk_prob=True,
+                            **_qwen_moe_kw(hidden_size, num_experts, top_k, router_aux_loss_coef, output_router_logits),
+                            **_dense_kw(vocab_size, hidden_size, num_layers, False, tokenizer))
+    return _build(Qwen3MoeForCausalLM, config, seed, dtype)
 
 
 def llama_1b_config(tokenizer=None, vocab_size: int = 128256):

@@ -1,31 +1,42 @@
-"""What the installed TRL's GRPOTrainer log-prob method looks like, read from TRL itself.
+"""What the installed TRL's GRPOTrainer log-prob method looks like: an explicit table per TRL version range.
 
-Facts checked in the TRL sources (0.15.0, 0.19.1, 0.20.0, 1.6.0, 1.7.0, 1.14.2, 1.15.0, 1.16.0):
+The table below was read off the TRL sources of every release from 0.16.0 to 1.16.0 (each release's
+``trl/trainer/grpo_trainer.py``); the tests check the installed TRL's row against its source on every pinned
+version (scripts/test_trl_pins.sh). The facts per range:
 
-* 0.15 - 0.19: ``_get_per_token_logps(model, input_ids, attention_mask, logits_to_keep[, batch_size])`` returns a
-  tensor. 0.15.0 does not divide by the temperature; later releases do (``logits / self.temperature``).
+* 0.16: ``_get_per_token_logps(model, input_ids, attention_mask, logits_to_keep)`` returns a tensor;
+  ``logits / self.temperature``. 0.17 - 0.19 add ``batch_size``.
 * 0.20 - 1.6: ``_get_per_token_logps_and_entropies(..., compute_entropy=False, pixel_values=...)`` returns
-  ``(logps, entropies)``; entropies are computed under ``no_grad``.
-* 1.7+: the same with ``compute_aux_loss`` and a third element, the MoE load-balancing loss (or None).
-  From about 1.14 the log-probs (and entropies) are zeroed where the completion's attention mask is 0
-  (``row_mask``), and the entropy carries gradient when the entropy bonus is on (``_entropy_bonus_enabled``).
-* 1.15+: the model carries TRL's fused LM head (``add_fused_lm_head`` in ``GRPOTrainer.__init__``) and the method
-  calls ``model(..., labels=labels, fused_lm_head=True)``; padded labels are -100, so those positions are zero too.
+  ``(logps, entropies)``; the vision-language arguments grow over the releases (0.24, 0.29, 1.0, 1.1).
+* 1.7 - 1.13: ``compute_aux_loss`` and a third element, the MoE load-balancing loss (or None).
+* 1.14: ``(model, *args, batch_size=None, compute_aux_loss=False, **kwargs)`` forwards everything to
+  ``_full_logits_logps`` (unless Liger is on), which divides by the temperature and zeroes the log-probs (and
+  entropies) where the completion's attention mask is 0 (``row_mask``).
+* 1.15 - 1.16: the model carries TRL's fused LM head (``add_fused_lm_head`` in ``GRPOTrainer.__init__``, built with
+  the temperature); the method calls ``model(..., labels=labels, fused_lm_head=True)`` with padded labels -100, so
+  those positions are zero too.
 
-Rather than a table of version ranges, the behaviour flags are read from the signature and the source of the
-installed method (with the version only used for the error message and the minimum).
+:func:`detect` takes the flags from the table. Where the installed method's signature and source can be read it
+cross-checks them; where they cannot (a decorator without ``functools.wraps``, a compiled or frozen module) the
+table alone decides. Anything the two cannot settle - the source disagrees with the table, or the TRL is newer
+than the table - gives a :class:`TRLFlavour` with ``unsettled`` set: the patch then runs TRL's own method, with one
+warning naming the reason. TRL older than :data:`MIN_TRL` raises :class:`UnsupportedTRLVersion`.
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
 from dataclasses import dataclass
 
-MIN_TRL = "0.15.0"
+MIN_TRL = "0.16.0"  # the oldest release in the table (and the oldest pin tested)
+NEWEST_TRL = "1.16.0"  # the newest release read and tested; a newer TRL runs its own method, with a warning
 
 _TENSOR = "tensor"
 _PAIR = "pair"
 _TRIPLE = "triple"
+_LOGPS = "_get_per_token_logps"
+_LOGPS_ENT = "_get_per_token_logps_and_entropies"
 
 
 class UnsupportedTRLVersion(RuntimeError):
@@ -33,21 +44,57 @@ class UnsupportedTRLVersion(RuntimeError):
 
 
 @dataclass(frozen=True)
+class _Row:
+    first: str  # first release of the range; the range ends where the next row starts (the last at NEWEST_TRL)
+    method_name: str
+    params: str  # the method's parameters after self, as TRL declares them
+    returns: str
+    uses_temperature: bool
+    masks_padding: bool
+    fused_head: bool
+    has_batch_size: bool
+    delegate: str | None = None  # the method forwards its arguments, unchanged, to this one
+
+
+_P016 = "model, input_ids, attention_mask, logits_to_keep"
+_P017 = _P016 + ", batch_size=None"
+_P020 = (_P017 + ", compute_entropy=False, pixel_values=None, image_grid_thw=None, pixel_attention_mask=None, "
+         "image_sizes=None")
+_P024 = (_P017 + ", compute_entropy=False, pixel_values=None, image_grid_thw=None, num_images=None, "
+         "pixel_attention_mask=None, image_sizes=None, token_type_ids=None")
+_P029 = _P024 + ", mm_token_type_ids=None"
+_P170 = (_P017 + ", compute_entropy=False, compute_aux_loss=False, pixel_values=None, image_grid_thw=None, "
+         "num_images=None, pixel_attention_mask=None, spatial_shapes=None, num_tiles=None, image_sizes=None, "
+         "token_type_ids=None, mm_token_type_ids=None, image_position_ids=None")
+
+_TABLE = (  # first, method, parameters, returns, uses_temperature, masks_padding, fused_head, has_batch_size
+    _Row("0.16.0", _LOGPS, _P016, _TENSOR, True, False, False, False),
+    _Row("0.17.0", _LOGPS, _P017, _TENSOR, True, False, False, True),
+    _Row("0.20.0", _LOGPS_ENT, _P020, _PAIR, True, False, False, True),
+    _Row("0.24.0", _LOGPS_ENT, _P024, _PAIR, True, False, False, True),
+    _Row("0.29.0", _LOGPS_ENT, _P029, _PAIR, True, False, False, True),
+    _Row("1.0.0", _LOGPS_ENT, _P029 + ", pixel_position_ids=None", _PAIR, True, False, False, True),
+    _Row("1.1.0", _LOGPS_ENT, _P029 + ", image_position_ids=None", _PAIR, True, False, False, True),
+    _Row("1.7.0", _LOGPS_ENT, _P170, _TRIPLE, True, False, False, True),
+    _Row("1.14.0", _LOGPS_ENT, "model, *args, batch_size=None, compute_aux_loss=False, **kwargs", _TRIPLE,
+         True, True, False, True, delegate="_full_logits_logps"),
+    _Row("1.15.0", _LOGPS_ENT, _P170, _TRIPLE, True, True, True, True),
+)
+_FLAGS = ("method_name", "returns", "uses_temperature", "masks_padding", "fused_head", "has_batch_size")
+
+
+@dataclass(frozen=True)
 class TRLFlavour:
     version: str
     method_name: str  # the GRPOTrainer method that is patched
-    returns: str  # "tensor" | "pair" | "triple"
-    uses_temperature: bool  # divides the logits by self.temperature
-    masks_padding: bool  # log-probs (and entropies) are 0 where the completion's attention mask is 0
-    fused_head: bool  # TRL's own fused LM head (>= 1.15)
-    has_batch_size: bool  # the method takes batch_size
-
-
-def _source(fn) -> str:
-    try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):
-        return ""
+    returns: str | None  # "tensor" | "pair" | "triple"
+    uses_temperature: bool | None  # divides the logits by self.temperature
+    masks_padding: bool | None  # log-probs (and entropies) are 0 where the completion's attention mask is 0
+    fused_head: bool | None  # TRL's own fused LM head (>= 1.15)
+    has_batch_size: bool | None  # the method takes batch_size
+    # the method's signature, then (1.14) its delegate's: a call is named by binding it through each in turn
+    signatures: tuple = ()
+    unsettled: str | None = None  # why the flags are unknown; the patch then runs TRL's own method (one warning)
 
 
 def trl_version() -> str:
@@ -56,16 +103,98 @@ def trl_version() -> str:
     return getattr(trl, "__version__", "0")
 
 
-def _version_tuple(v: str) -> tuple:
+def _version(v: str):
     from packaging.version import Version
 
-    return Version(v).release
+    return Version(v)
+
+
+def row_for(version: str) -> _Row | None:
+    """The table's row for ``version``; None if it is newer than :data:`NEWEST_TRL` (or older than the table)."""
+    v = _version(version)
+    if v > _version(NEWEST_TRL):
+        return None
+    rows = [r for r in _TABLE if _version(r.first) <= v]
+    return rows[-1] if rows else None
+
+
+def parse_params(params: str) -> inspect.Signature:
+    """``"model, *args, batch_size=None"`` -> the signature of ``def f(self, model, *args, batch_size=None)``."""
+    P = inspect.Parameter
+    out, kind = [P("self", P.POSITIONAL_OR_KEYWORD)], P.POSITIONAL_OR_KEYWORD
+    for item in params.split(", "):
+        name, _, default = item.partition("=")
+        if name.startswith("**"):
+            out.append(P(name[2:], P.VAR_KEYWORD))
+        elif name.startswith("*"):
+            out.append(P(name[1:], P.VAR_POSITIONAL))
+            kind = P.KEYWORD_ONLY
+        else:
+            out.append(P(name, kind, default=ast.literal_eval(default) if default else P.empty))
+    return inspect.Signature(out)
+
+
+def _plain(sig: inspect.Signature) -> inspect.Signature:
+    """``sig`` without annotations (the table records names, kinds and defaults)."""
+    params = [p.replace(annotation=p.empty) for p in sig.parameters.values()]
+    return sig.replace(parameters=params, return_annotation=sig.empty)
+
+
+def _readable(fn) -> tuple[inspect.Signature, str] | None:
+    """The method's own signature and source, or None where they cannot be read (or belong to an anonymous
+    ``(*args, **kwargs)`` wrapper, e.g. a decorator without functools.wraps, which says nothing about TRL)."""
+    try:
+        sig, src = inspect.signature(fn), inspect.getsource(fn)
+    except (OSError, TypeError, ValueError):
+        return None
+    var = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    if len([p for p in sig.parameters.values() if p.kind not in var]) <= 1:  # self at most
+        return None
+    return sig, src
+
+
+def from_source(cls, name: str, row: _Row) -> dict | None:
+    """The table's columns (and the signature) as the installed method's signature and source show them, or None
+    where they cannot be read. ``row`` only names the delegate whose source to read as well (1.14)."""
+    read = _readable(getattr(cls, name))
+    if read is None:
+        return None
+    sig, src = read
+    delegate = row.delegate if row.delegate and f"self.{row.delegate}(" in src else None
+    if delegate is not None:
+        helper = _readable(getattr(cls, delegate, None))
+        if helper is None:
+            return None
+        src += helper[1]
+    fused = "fused_lm_head" in src
+    params = sig.parameters
+    return dict(
+        method_name=name,
+        returns=_TENSOR if name == _LOGPS else (_TRIPLE if "compute_aux_loss" in params else _PAIR),
+        uses_temperature=fused or "self.temperature" in src,
+        masks_padding=fused or "row_mask" in src,
+        fused_head=fused,
+        has_batch_size="batch_size" in params,
+        delegate=delegate,
+        signature=_plain(sig),
+    )
+
+
+def _disagreements(row: _Row, seen: dict) -> list[str]:
+    table = {f: getattr(row, f) for f in _FLAGS}
+    table.update(delegate=row.delegate, signature=parse_params(row.params))
+    return [f"{k}: table {table[k]}, source {seen[k]}" for k in table if table[k] != seen[k]]
+
+
+def _unsettled(version: str, name: str, why: str) -> TRLFlavour:
+    return TRLFlavour(version, name, None, None, None, None, None, unsettled=(
+        f"{why}; GRPOTrainer.{name} stays TRL's own (no memory saving)"))
 
 
 def detect(cls=None) -> TRLFlavour:
-    """Inspect ``trl.GRPOTrainer`` (or ``cls``) and describe its log-prob method; raise if unsupported."""
+    """Describe ``trl.GRPOTrainer``'s (or ``cls``'s) log-prob method from the table; raise if it cannot be patched."""
     version = trl_version()
-    if _version_tuple(version) < _version_tuple(MIN_TRL):
+    if _version(version) < _version(MIN_TRL):
         raise UnsupportedTRLVersion(
             f"grpo_mel.patch_grpo supports TRL >= {MIN_TRL}; the installed TRL is {version}. "
             "Upgrade TRL (pip install -U trl) or use grpo_mel.linear_token_logprobs directly."
@@ -75,35 +204,37 @@ def detect(cls=None) -> TRLFlavour:
             from trl import GRPOTrainer as cls  # noqa: N813
         except Exception as e:  # pragma: no cover - broken TRL install
             raise UnsupportedTRLVersion(f"cannot import trl.GRPOTrainer from TRL {version}: {e}") from e
-
-    if "_get_per_token_logps_and_entropies" in _class_attrs(cls):
-        name = "_get_per_token_logps_and_entropies"
-    elif "_get_per_token_logps" in _class_attrs(cls):
-        name = "_get_per_token_logps"
-    else:
+    attrs = _class_attrs(cls)
+    name = next((n for n in (_LOGPS_ENT, _LOGPS) if n in attrs), None)
+    if name is None:
         raise UnsupportedTRLVersion(
-            f"the installed TRL {version}'s GRPOTrainer has neither `_get_per_token_logps_and_entropies` nor "
-            "`_get_per_token_logps`; grpo_mel.patch_grpo cannot patch it (supported: TRL 0.15 - 1.16)."
+            f"the installed TRL {version}'s {cls.__name__} has neither `{_LOGPS_ENT}` nor `{_LOGPS}`; "
+            f"grpo_mel.patch_grpo cannot patch it (supported: TRL {MIN_TRL} - {NEWEST_TRL})."
         )
-    fn = getattr(cls, name)
-    src = _source(fn)
-    helper = getattr(cls, "_full_logits_logps", None)  # 1.14: the full-logits path moved into a helper
-    helper_src = _source(helper) if helper is not None else ""
-    params = inspect.signature(fn).parameters
-    if name == "_get_per_token_logps":
-        returns = _TENSOR
-    else:
-        returns = _TRIPLE if "compute_aux_loss" in params else _PAIR
-    fused = "fused_lm_head" in src
-    return TRLFlavour(
-        version=version,
-        method_name=name,
-        returns=returns,
-        uses_temperature=fused or "temperature" in src or "temperature" in helper_src,
-        masks_padding=fused or "row_mask" in src or "row_mask" in helper_src,
-        fused_head=fused,
-        has_batch_size="batch_size" in params,
-    )
+    row = row_for(version)
+    if row is None:
+        return _unsettled(version, name, f"TRL {version} is newer than the newest release grpo_mel's table "
+                                         f"covers ({NEWEST_TRL})")
+    seen = from_source(cls, name, row)
+    if seen is not None:
+        diff = _disagreements(row, seen)
+        if diff:
+            return _unsettled(version, name, f"the installed {cls.__name__}.{name} does not match grpo_mel's table "
+                                             f"for TRL {version} ({'; '.join(diff)})")
+        signature = inspect.signature(getattr(cls, name))
+    else:  # unreadable: the table's signature names the arguments
+        if name != row.method_name:
+            return _unsettled(version, name, f"TRL {version}'s table row patches {row.method_name}, but "
+                                             f"{cls.__name__} has {name}")
+        signature = parse_params(row.params)
+    signatures = (signature,)
+    if row.delegate is not None:
+        if not callable(getattr(cls, row.delegate, None)):
+            return _unsettled(version, name, f"TRL {version}'s {name} forwards to {row.delegate}, which "
+                                             f"{cls.__name__} lacks")
+        signatures += (inspect.signature(getattr(cls, row.delegate)),)
+    return TRLFlavour(version, name, row.returns, row.uses_temperature, row.masks_padding, row.fused_head,
+                      row.has_batch_size, signatures=signatures)
 
 
 def _class_attrs(cls) -> set:

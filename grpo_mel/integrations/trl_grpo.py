@@ -1,6 +1,6 @@
 """Patch TRL's ``GRPOTrainer`` so per-token log-probs never materialise the ``[B, T, V]`` logits.
 
-``patch_grpo()`` replaces the trainer's log-prob method (``_get_per_token_logps`` on TRL 0.15 - 0.19,
+``patch_grpo()`` replaces the trainer's log-prob method (``_get_per_token_logps`` on TRL 0.16 - 0.19,
 ``_get_per_token_logps_and_entropies`` from 0.20; see :mod:`grpo_mel.integrations._trl_compat`) with one that
 
 1. runs the model's backbone (through any DDP/FSDP/DeepSpeed wrapper's forward, by forward redirection) to the
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import threading
 import warnings
@@ -51,7 +52,7 @@ _LOG = logging.getLogger("grpo_mel")
 
 _MM_KWARGS = (
     "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids", "pixel_position_ids",
 )
 
 
@@ -78,7 +79,9 @@ def patch_grpo(
         trainer_cls: the class to patch (default ``trl.GRPOTrainer``).
 
     Idempotent: a second call only updates the options. Raises :class:`UnsupportedTRLVersion` on a TRL whose
-    GRPOTrainer cannot be patched (< 0.15, or neither method present).
+    GRPOTrainer cannot be patched (< 0.16, or neither method present). On a TRL newer than the version table in
+    :mod:`grpo_mel.integrations._trl_compat` (> 1.16.0), or whose method does not match it, one warning names the
+    reason and TRL's own method keeps computing the log-probs.
     """
     validate_chunk_size(chunk_size)
     validate_memory_budget(memory_budget)
@@ -146,25 +149,30 @@ def grpo_patched(chunk_size: int | None = None, memory_budget: float | None = No
 # the replacement method
 # --------------------------------------------------------------------------------------------------
 
-def _warn_once(key: str, msg: str) -> None:
+def _warn_once(key: str, msg: str, stacklevel: int = 3) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(f"grpo_mel: {msg}; falling back to TRL's own log-prob method.", stacklevel=3)
+        warnings.warn(f"grpo_mel: {msg}; falling back to TRL's own log-prob method.", stacklevel=stacklevel)
 
 
 def _make_replacement(original: Callable, flavour: TRLFlavour) -> Callable:
+    if flavour.unsettled is not None:  # said once, at patch time (stacklevel: patch_grpo's caller)
+        _warn_once(flavour.unsettled, flavour.unsettled, stacklevel=4)
+
     @functools.wraps(original)
-    def _grpo_mel_per_token_logps(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        call = _bind(flavour, args, kwargs)
-        if call is None:  # an argument this version's method should not get: let TRL raise/handle it
-            return original(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
-        reason = _fallback_reason(self, model, call, flavour)
+    def _grpo_mel_per_token_logps(self, *args, **kwargs):
+        if flavour.unsettled is not None:
+            return original(self, *args, **kwargs)
+        call, reason = _bind(flavour, self, args, kwargs)
+        if reason is None:
+            reason = _fallback_reason(self, call["model"], call, flavour)
         if reason is not None:
             _warn_once(reason, reason)
-            return original(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
-        if flavour.fused_head and _keep_trl_fused_head(input_ids.device):
-            return original(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
-        return _compute(self, model, input_ids, attention_mask, logits_to_keep, call, flavour)
+            return original(self, *args, **kwargs)
+        if flavour.fused_head and _keep_trl_fused_head(call["input_ids"].device):
+            return original(self, *args, **kwargs)
+        return _compute(self, call["model"], call["input_ids"], call["attention_mask"], call["logits_to_keep"],
+                        call, flavour)
 
     _grpo_mel_per_token_logps._grpo_mel_patched = True
     return _grpo_mel_per_token_logps
@@ -201,26 +209,38 @@ def _trl_runs_triton(device: torch.device) -> bool:
     return bool(_use_triton(device))
 
 
-def _bind(flavour: TRLFlavour, args: tuple, kwargs: dict) -> dict | None:
-    """Normalise the optional arguments of the method (batch_size, compute_entropy, compute_aux_loss, mm kwargs)."""
-    names = []
-    if flavour.has_batch_size:
-        names.append("batch_size")
-    if flavour.returns != "tensor":
-        names.append("compute_entropy")
-    if flavour.returns == "triple":
-        names.append("compute_aux_loss")
-    if len(args) > len(names) + len(_MM_KWARGS):
-        return None
-    call = dict(batch_size=None, compute_entropy=False, compute_aux_loss=False)
-    for n, a in zip(names + list(_MM_KWARGS), args):
-        call[n] = a
-    for k, v in kwargs.items():
-        if k in call or k in _MM_KWARGS:
-            call[k] = v
-        else:
-            return None
-    return call
+# the arguments grpo_mel computes with; any other argument must be at its default (or the call goes to TRL)
+_UNDERSTOOD = frozenset(("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
+                         "compute_entropy", "compute_aux_loss", *_MM_KWARGS))
+
+
+def _bind(flavour: TRLFlavour, trainer, args: tuple, kwargs: dict) -> tuple[dict | None, str | None]:
+    """Name the call's arguments as TRL's method does: ``inspect.signature(method).bind``, then (TRL 1.14) bind
+    that again to the method its ``*args, **kwargs`` are forwarded to. Returns ``(arguments, None)``, or
+    ``(None, why)`` where the call does not bind or carries an argument grpo_mel does not handle."""
+    method = f"GRPOTrainer.{flavour.method_name}"
+    first, *forwarded = flavour.signatures
+    try:
+        bound = first.bind(trainer, *args, **kwargs)
+        for sig in forwarded:
+            bound = sig.bind(*bound.args, **bound.kwargs)
+    except TypeError as e:
+        return None, f"the call does not bind to TRL's {method} ({e})"
+    bound.apply_defaults()
+    params = bound.signature.parameters
+    odd = []
+    for name, value in bound.arguments.items():
+        kind = params[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            odd += [f"{len(value)} unnamed positional"] if value else []
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            odd += sorted(value)
+        elif name not in _UNDERSTOOD and value is not params[name].default:
+            odd.append(name)
+        # a default left at its value is a call without it: nothing to handle
+    if odd:
+        return None, f"{method} got arguments grpo_mel does not handle ({', '.join(odd)})"
+    return {"batch_size": None, "compute_entropy": False, "compute_aux_loss": False, **bound.arguments}, None
 
 
 def _unwrap(trainer, model):

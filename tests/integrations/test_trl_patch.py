@@ -37,7 +37,9 @@ def test_flavour_matches_installed_trl():
     else:
         assert (f.method_name, f.returns) == ("_get_per_token_logps_and_entropies", "triple")
     assert f.fused_head == (v >= Version("1.15"))
-    assert f.uses_temperature == (v > Version("0.15.0"))
+    assert f.uses_temperature  # every release in the supported range (>= 0.16) divides by the temperature
+    assert f.masks_padding == (v >= Version("1.14"))
+    assert f.has_batch_size == (v >= Version("0.17"))
 
 
 def test_unpatch_restores_exact_function_object():
@@ -92,9 +94,10 @@ def test_bad_options():
     assert not trl_grpo.is_patched()
 
 
-def test_unsupported_old_version(monkeypatch):
-    monkeypatch.setattr(trl, "__version__", "0.14.0")
-    with pytest.raises(_trl_compat.UnsupportedTRLVersion, match=r"0\.14\.0"):
+@pytest.mark.parametrize("old", ["0.14.0", "0.15.2"])
+def test_unsupported_old_version(monkeypatch, old):
+    monkeypatch.setattr(trl, "__version__", old)
+    with pytest.raises(_trl_compat.UnsupportedTRLVersion, match=old.replace(".", r"\.")):
         grpo_mel.patch_grpo()
     assert not trl_grpo.is_patched()
 

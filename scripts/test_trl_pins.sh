@@ -17,10 +17,11 @@ cd "$ROOT"
 
 # pin -> "trl transformers peft accelerate datasets bitsandbytes"
 declare -A PINS=(
+  [0.16.1]="trl==0.16.1 transformers==4.51.3 peft==0.15.2 accelerate==1.6.0 datasets==3.5.0 bitsandbytes==0.50.2"
   [0.19.1]="trl==0.19.1 transformers==4.53.3 peft==0.16.0 accelerate==1.8.1 datasets==3.6.0 bitsandbytes==0.50.2"
   [1.14.2]="trl==1.14.2 transformers==4.57.6 peft==0.18.1 accelerate==1.12.0 datasets==4.8.5 bitsandbytes==0.50.2"
 )
-ORDER=(0.19.1 1.14.2)
+ORDER=(0.16.1 0.19.1 1.14.2)
 TOOLS="pytest hypothesis tokenizers tensorboard"
 
 if [ "$#" -gt 0 ]; then ORDER=("$@"); fi

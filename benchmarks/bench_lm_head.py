@@ -21,6 +21,8 @@ Variants:
 * ``grpo_mel@C`` ``grpo_mel.linear_token_logprobs`` / ``linear_cross_entropy`` with ``chunk_size=C``;
   ``grpo_mel@auto`` with the default memory budget.
 
+``--csv`` is rewritten after every shape, so a run cut short keeps the shapes it finished.
+
 Peak memory comes from ``grpo_mel.memory.peak_memory`` (CUDA: ``max_memory_allocated``; CPU: torch's
 allocator events via the profiler), measured in its own run; time is the median of ``--repeats`` separate
 runs after a warm-up (``torch.cuda.synchronize`` around each on GPU). The warm-up's outputs and gradients are
@@ -32,6 +34,7 @@ Examples::
         --md benchmarks/results/cpu.md --plot docs/img/cpu_
     python benchmarks/bench_lm_head.py --preset gpu --csv benchmarks/results/gpu.csv \
         --md benchmarks/results/gpu.md --plot docs/img/gpu_
+    python benchmarks/bench_lm_head.py --preset gpu-h4096 --csv benchmarks/results/gpu_h4096.csv
 """
 
 from __future__ import annotations
@@ -69,10 +72,17 @@ PRESETS = {
                 runs=[(task, n, 32000) for task in TASKS for n in (512, 1024, 2048, 4096)]
                 + [("logprobs", 2048, v) for v in (8000, 64000)],
                 chunks=(64, 256, 1024), repeats=3),
-    # Llama-3.2-1B head (H=2048, V=128256), bf16
+    # The two GPU shapes, bf16, every task at N in {4096, 16384, 65536} (naive runs out of memory at 65536 on an
+    # 80 GB card; recorded as failed). One chunk size plus auto and 3 repeats keep each preset within ~2 minutes
+    # on an H100, so both fit scripts/gpu_suite.sh's lease; --chunks / --repeats widen them.
+    # Llama-3.2-1B head (H=2048, V=128256)
     "gpu": dict(device="cuda", dtype="bfloat16", hidden=2048,
                 runs=[(task, n, 128256) for task in TASKS for n in (4096, 16384, 65536)],
-                chunks=(1024, 4096, 16384), repeats=5),
+                chunks=(4096,), repeats=3),
+    # a 7B-class head with a Qwen2-size vocabulary (H=4096, V=151936)
+    "gpu-h4096": dict(device="cuda", dtype="bfloat16", hidden=4096,
+                      runs=[(task, n, 151936) for task in TASKS for n in (4096, 16384, 65536)],
+                      chunks=(4096,), repeats=3),
 }
 
 
@@ -274,7 +284,8 @@ FIELDS = ["device", "dtype", "torch", "task", "N", "H", "V", "variant", "chunk",
 NUMERIC = set(FIELDS[9:21]) - {"times"} | {"cpu_s", "cpu_vs_naive"}
 
 
-def run_all(args) -> list[dict]:
+def run_all(args, on_shape: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every shape of ``args.runs``; ``on_shape(rows so far)`` after each one."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
@@ -354,6 +365,8 @@ def run_all(args) -> list[dict]:
                   f"{row.get('ok', '')}", flush=True)
         del case, ref
         gc.collect()
+        if on_shape is not None:
+            on_shape(rows)
     return rows
 
 
@@ -515,11 +528,14 @@ def main(argv=None):
         return 0
     print(header, flush=True)
     old = read_csv(args.csv) if args.append and args.csv and os.path.exists(args.csv) else []
-    rows = run_all(args)
-    if old:
+
+    def merged(rows):
         key = lambda r: (r["device"], r["dtype"], r["task"], r["N"], r["H"], r["V"], r["variant"])  # noqa: E731
         new = {key(r) for r in rows}
-        rows = [r for r in old if key(r) not in new] + rows
+        return [r for r in old if key(r) not in new] + rows
+
+    rows = merged(run_all(args, on_shape=(lambda rows: write_csv(merged(rows), args.csv)) if args.csv else None))
+    if old:
         header += "  \n(--append: earlier rows in the CSV kept; each row's command is in docs/benchmarks.md)"
     if args.csv:
         write_csv(rows, args.csv)

@@ -9,11 +9,18 @@ The reference ``f``'s upcast with :func:`upcast` (float32 for half dtypes, uncha
 same reference runs in float64 as the "exact" answer for bf16/fp16 error comparisons.
 
 Test modules import the helpers with ``from .conftest import ...`` (tests/core is a package).
+
+``GRPO_MEL_TEST_DEVICE`` (default ``cpu``) is the device the builders here put their tensors on, e.g.
+``GRPO_MEL_TEST_DEVICE=cuda pytest tests/core/test_parity.py`` runs the parity tests on a GPU. Values are
+drawn on the CPU first (seeded CPU generators) and then moved, so every device sees the same inputs. Only
+``test_parity.py`` builds all its tensors through :data:`DEVICE`; on another device the other modules here
+are skipped (with that reason), not run half on the CPU.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Sequence
 
 import pytest
@@ -21,6 +28,27 @@ import torch
 import torch.nn.functional as F
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+DEVICE = torch.device(os.environ.get("GRPO_MEL_TEST_DEVICE", "cpu"))
+#: the modules whose tensors all go through DEVICE; the others are CPU-only and skipped on another device
+DEVICE_AWARE = {"test_parity.py"}
+
+
+def pytest_configure(config):
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"GRPO_MEL_TEST_DEVICE={DEVICE}: torch.cuda.is_available() is False")
+
+
+def pytest_collection_modifyitems(config, items):
+    if DEVICE.type == "cpu":
+        return
+    skip = pytest.mark.skip(reason=f"GRPO_MEL_TEST_DEVICE={DEVICE}: this module builds CPU tensors; "
+                                   f"only {sorted(DEVICE_AWARE)} run on another device")
+    here = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        path = str(item.path)
+        if os.path.dirname(path) == here and os.path.basename(path) not in DEVICE_AWARE:
+            item.add_marker(skip)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,12 +144,12 @@ def naive_apply(X, W, f: Callable, *row_args, bias=None):
 
 def make_inputs(lead=(13,), H=16, V=50, dtype=torch.float32, bias=False, seed=0, scale=1.0,
                 requires_grad=True):
-    """Random X [*lead, H], W [V, H], b [V] (leaves), labels [*lead]."""
+    """Random X [*lead, H], W [V, H], b [V] (leaves), labels [*lead], on :data:`DEVICE`."""
     g = torch.Generator().manual_seed(seed)
-    X = (torch.randn(*lead, H, generator=g, dtype=torch.float64) * scale).to(dtype)
-    W = (torch.randn(V, H, generator=g, dtype=torch.float64) / math.sqrt(H)).to(dtype)
-    b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
-    labels = torch.randint(0, V, lead, generator=g)
+    X = (torch.randn(*lead, H, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
+    W = (torch.randn(V, H, generator=g, dtype=torch.float64) / math.sqrt(H)).to(DEVICE, dtype)
+    b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.5).to(DEVICE, dtype) if bias else None
+    labels = torch.randint(0, V, lead, generator=g).to(DEVICE)
     if requires_grad:
         X.requires_grad_(True)
         W.requires_grad_(True)
@@ -141,9 +169,9 @@ def leaf_clone(t: torch.Tensor | None, dtype=None) -> torch.Tensor | None:
 
 
 def random_weights(shape, seed=1, dtype=torch.float32):
-    """Upstream per-output weights (the gradient each output receives): random, not all ones."""
+    """Upstream per-output weights (the gradient each output receives): random, not all ones, on :data:`DEVICE`."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(dtype)
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(DEVICE, dtype)
 
 
 def weighted_loss(outs, weights: Sequence[torch.Tensor | None]):

@@ -3,6 +3,9 @@
 The reference (tests/core/conftest.py) forms all logits, applies an independently written f and lets
 autograd do the rest. Every output gets a random upstream gradient (per-token weights), so a wrong
 chunk offset, a missing upstream-gradient multiplication or a wrong mean weighting shows up.
+
+Every tensor here lives on conftest's ``DEVICE`` (``GRPO_MEL_TEST_DEVICE``, default cpu), so the whole module
+also runs on a GPU (scripts/gpu_suite.sh does).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from grpo_mel.planning import bytes_per_row
 
 from .conftest import (
     BF16_EPS,
+    DEVICE,
     FP16_EPS,
     ChunkRecorder,
     assert_close_fp32,
@@ -93,7 +97,7 @@ def _entropy_ours(**kw_f):
 
 def _kl_extra(lead):
     g = torch.Generator().manual_seed(7)
-    return [-(torch.rand(*lead, generator=g) * 5)]  # plausible reference log-probs (<= 0)
+    return [-(torch.rand(*lead, generator=g) * 5).to(DEVICE)]  # plausible reference log-probs (<= 0)
 
 
 SCALE = dict(temperature=0.7, softcap=5.0, logit_scale=1.7)
@@ -260,10 +264,10 @@ def test_nothing_requires_grad():
 def test_tied_weight_embedding_and_head():
     """W is also the input embedding (as in tied LMs): the total dW is the sum of both uses."""
     g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, V, (3, 6), generator=g)
-    proj = torch.randn(H, H, generator=g) / 4
+    ids = torch.randint(0, V, (3, 6), generator=g).to(DEVICE)
+    proj = (torch.randn(H, H, generator=g) / 4).to(DEVICE)
     _, W, _, _ = make_inputs((1,), H, V, seed=4)
-    labels = torch.randint(0, V, (3, 6), generator=g)
+    labels = torch.randint(0, V, (3, 6), generator=g).to(DEVICE)
     w = random_weights((3, 6))
 
     def loss_fn(W, head):
@@ -409,12 +413,12 @@ def test_bf16_dw_accumulated_in_fp32_across_chunks():
     """
     n, h, v = 64, 8, 16
     g = torch.Generator().manual_seed(0)
-    x = (torch.rand(h, generator=g) + 1).to(torch.bfloat16)
+    x = (torch.rand(h, generator=g) + 1).to(DEVICE, torch.bfloat16)
     X = x.expand(n, h).clone().requires_grad_(True)
-    W = torch.randn(v, h, generator=g).to(torch.bfloat16).requires_grad_(True)
+    W = torch.randn(v, h, generator=g).to(DEVICE, torch.bfloat16).requires_grad_(True)
     u = (torch.rand(n // 2, v, generator=g) * 0.9 + 1).to(torch.bfloat16).float()  # bf16 values in [1, 2)
     delta = torch.where(torch.rand(n // 2, v, generator=g) < 0.5, -1.0, 1.0) * 2.0 ** -7
-    c = torch.stack([u, -u + delta], 1).reshape(n, v)                          # exactly representable
+    c = torch.stack([u, -u + delta], 1).reshape(n, v).to(DEVICE)               # exactly representable
     assert torch.equal(c.to(torch.bfloat16).float(), c)
 
     def f(z, c):  # dZ = c exactly (upstream gradient 1)
@@ -437,9 +441,10 @@ def test_bf16_dw_accumulated_in_fp32_across_chunks():
 
 @pytest.mark.parametrize("chunk", [1, 4, None])
 def test_autocast_gemm_dtype_and_gradients(chunk):
-    """Under CPU bf16 autocast f receives bf16 logits (the GEMM ran in bf16, as ``F.linear`` does there), outputs
-    equal the naive autocast path's, dX is formed as autograd of ``F.linear`` forms it (bf16, then float32), and with
-    ``fp32_grad_input`` from the same bf16 operands into float32. dW: float32 accumulation of the bf16 products."""
+    """Under bf16 autocast on DEVICE f receives bf16 logits (the GEMM ran in bf16, as ``F.linear`` does there),
+    outputs equal the naive autocast path's, dX is formed as autograd of ``F.linear`` forms it (bf16, then float32),
+    and with ``fp32_grad_input`` from the same bf16 operands into float32. dW: float32 accumulation of the bf16
+    products."""
     X, W, _, labels = make_inputs((13,), H, V, seed=3, scale=2.0)
     w_out = random_weights((13,), seed=5)
     seen = []
@@ -451,7 +456,7 @@ def test_autocast_gemm_dtype_and_gradients(chunk):
     res = {}
     for side in ("naive", "ours", "ours_fp32_dx"):
         Xs, Ws = leaf_clone(X), leaf_clone(W)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             if side == "naive":
                 z = F.linear(Xs, Ws)
                 z.retain_grad()

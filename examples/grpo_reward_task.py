@@ -32,9 +32,11 @@ Commands (from the repository root)::
     python examples/grpo_reward_task.py --finetune qlora
     python examples/grpo_reward_task.py --finetune full --no-patch
 
-    # GPU: the Llama-3.2-1B architecture with random weights (vocab 128256), 8 generations x 512 tokens
+    # GPU: the Llama-3.2-1B architecture with random weights (vocab 128256), 8 generations x 512 tokens;
+    # --override-fused-head true: the patched run goes through grpo_mel (TRL's Triton head stays by default on CUDA)
     python examples/grpo_reward_task.py --model llama-1b-random --finetune lora --bf16 \\
-        --num-generations 8 --max-completion-length 512 --steps 5 --compare --plot outputs/grpo_1b.png
+        --num-generations 8 --max-completion-length 512 --steps 5 --compare --override-fused-head true \\
+        --plot outputs/grpo_1b.png
 
     # real weights (local path or hub id) and vLLM generation (pip install "grpo_mel[vllm]"; a CUDA GPU)
     python examples/grpo_reward_task.py --model meta-llama/Llama-3.2-1B-Instruct --bf16 --use-vllm
@@ -97,6 +99,9 @@ def _count_patched_calls(counter: dict):
         trl_grpo._compute = inner
 
 
+OVERRIDE = {"auto": None, "true": True, "false": False}  # --override-fused-head -> patch_grpo(override_fused_head=)
+
+
 def _patch_ctx(args, patched: bool):
     if not patched:
         return contextlib.nullcontext()
@@ -104,7 +109,8 @@ def _patch_ctx(args, patched: bool):
         from grpo_mel.integrations.trl_grpo import grpo_patched
     except ImportError as e:
         raise SystemExit(f"grpo_mel's TRL GRPO patch is not available ({e}); run with --no-patch") from e
-    return grpo_patched(chunk_size=args.chunk_size, memory_budget=args.memory_budget)
+    return grpo_patched(chunk_size=args.chunk_size, memory_budget=args.memory_budget,
+                        override_fused_head=OVERRIDE[args.override_fused_head])
 
 
 def run_once(src: C.ModelSource, args, patched: bool, dataset) -> C.RunResult:
@@ -181,6 +187,10 @@ def parse_args(argv=None):
                    help="bfloat16 weights and mixed precision (on the CPU too, via torch's CPU autocast)")
     p.add_argument("--chunk-size", type=int, default=None, help="rows per LM-head chunk (default: planned)")
     p.add_argument("--memory-budget", type=float, default=None, help="bytes per chunk when --chunk-size is unset")
+    p.add_argument("--override-fused-head", default="auto", choices=list(OVERRIDE),
+                   help="TRL >= 1.15 (its own fused LM head): true routes the patched run through grpo_mel, false "
+                        "keeps TRL's head, auto (default) decides per device (TRL's where it runs its Triton kernel, "
+                        "i.e. CUDA; see patch_grpo)")
     p.add_argument("--cpu-measure", default="rss", choices=["rss", "torch"],
                    help="CPU peak memory: process peak RSS (rss) or torch allocator peak via torch.profiler (torch)")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of the peak memory per step")

@@ -61,6 +61,18 @@ def test_grpo_example_patched_matches_unpatched(grpo_result):
         assert calls > 0, "the patched run never computed log-probs through grpo_mel"
 
 
+@pytest.mark.parametrize("flag,value", [("auto", None), ("true", True), ("false", False)])
+def test_grpo_example_override_fused_head_reaches_the_patch(monkeypatch, flag, value):
+    """``--override-fused-head`` is handed to the patch as ``override_fused_head`` (the GPU suite passes ``true``)."""
+    from grpo_mel.integrations import trl_grpo
+
+    seen = {}
+    monkeypatch.setattr(trl_grpo, "grpo_patched", lambda **kw: seen.update(kw))
+    mod = load_example("grpo_reward_task")
+    mod._patch_ctx(mod.parse_args(["--override-fused-head", flag]), patched=True)
+    assert "override_fused_head" in seen and seen["override_fused_head"] is value
+
+
 def test_sft_example_loss_match_lora():
     mod = load_example("sft_loss_match")
     res = mod.main(["--no-4bit", "--steps", "3", "--chunk-size", "7", "--num-rows", "16", "--no-warmup",

@@ -1,9 +1,9 @@
-"""A sharded LM-head weight (FSDP2-style DTensor, rows split over 2 gloo ranks) through the patch's gather.
+"""A sharded LM-head weight (a DTensor, rows split over 2 gloo ranks) through the patch's gather.
 
-``grpo_mel.integrations.trl_grpo._full`` is what the patched GRPO path applies to the head weight/bias when
-FSDP2 hands it a DTensor: the all-gather (``full_tensor``) is differentiable, so the chunked head's dW flows
-back to each rank's shard. Each rank's shard gradient must equal its rows of the unsharded reference.
-(DeepSpeed ZeRO-3's gather, ``_gathered``, needs DeepSpeed and a GPU: not tested here, see docs/limits.md.)
+``grpo_mel.integrations.trl_grpo._full`` is what the patched GRPO path applies to a head weight/bias that reaches it
+as a DTensor no FSDP unit gathers (tensor parallel; FSDP unshards the head inside the ``lm_head`` call, see
+test_engines.py): the all-gather (``full_tensor``) is differentiable, so the chunked head's dW flows back to each
+rank's shard. Each rank's shard gradient must equal its rows of the unsharded reference.
 """
 
 from __future__ import annotations

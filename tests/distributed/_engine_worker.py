@@ -4,13 +4,15 @@ Run as ``accelerate launch --config_file <engine>.yaml _engine_worker.py WORK_DI
 For each case of the JSON list CASES (``{"name", "tied", "head_unit", "patched"}``) it builds a GRPOTrainer on the
 saved tiny Llama, hands rank r the rows [4r, 4r+4) of the batch the parent generated (every engine sees the same
 numbers), and runs ``train()`` for one SGD step: the engine wraps the model and the optimizer, the trainer clips
-(logging the grad norm) and steps. When training begins it asserts the engine, the world size and the wrap it got.
+(logging the grad norm) and steps. When training begins it asserts the engine, the world size and the wrap it got;
+after the step, that grpo_mel's chunked head ran exactly when the case is patched.
 Rank 0 writes the full parameters after the step and the logged grad norm to WORK_DIR/<engine>-<name>.pt, or the
 error a case raised (the parent decides whether that error was expected).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -60,9 +62,24 @@ def _force_fsdp_on_cpu():
 def _skip_deepspeed_shm_op():
     """DeepSpeed's CPU backend compiles a shared-memory op (ninja/g++, 1 - 4 min cold) used only by
     ``inference_all_reduce`` (tensor-parallel inference), never by ZeRO training: don't build it."""
-    import deepspeed.comm.torch
+    backend = importlib.import_module("deepspeed.comm.torch")  # not ``deepspeed.comm.torch``: that name is torch
 
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    backend.build_shm_op = lambda: None
+
+
+def _count_chunked_head_calls() -> list:
+    """Calls of grpo_mel's chunked head from the patched trainer, counted: a patched case must run it (not fall back
+    to TRL's method), an unpatched one never."""
+    import grpo_mel.integrations.trl_grpo as trl_grpo
+
+    calls, original = [], trl_grpo.chunked_linear
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    trl_grpo.chunked_linear = counted
+    return calls
 
 
 def _fsdp2_unit_modules(module) -> set:
@@ -152,18 +169,24 @@ def main(work_dir: str, engine: str, cases: list[dict]) -> None:
         _force_fsdp_on_cpu()
     if engine.startswith("zero"):
         _skip_deepspeed_shm_op()
+    head_calls = _count_chunked_head_calls()
     rank = int(os.environ["RANK"])
     inputs = torch.load(os.path.join(work_dir, "inputs.pt"))
     rows = slice(rank * 4, (rank + 1) * 4)
     half = {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in inputs.items()}
     for case in cases:
         os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = HEAD_UNIT_WRAP if case["head_unit"] else DEFAULT_WRAP
-        grpo_mel.patch_grpo(chunk_size=CHUNK) if case["patched"] else grpo_mel.unpatch_grpo()
+        if case["patched"]:
+            grpo_mel.patch_grpo(chunk_size=CHUNK)
+        else:
+            grpo_mel.unpatch_grpo()
         out = {}
         try:
             trainer = _trainer(work_dir, engine, case)
             trainer._prepare_inputs = lambda generation_batch: half  # the parent's batch, not a new generation
+            before = len(head_calls)
             trainer.train()
+            assert (len(head_calls) > before) == case["patched"], f"chunked head ran {len(head_calls) - before}x"
             out["grad_norm"] = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
             out["params"] = _full_parameters(trainer)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which checks it

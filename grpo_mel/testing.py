@@ -114,17 +114,7 @@ def tiny_llama(
     """A ``LlamaForCausalLM`` with random (seeded) weights. Token ids come from ``tokenizer`` if given."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie_word_embeddings,
-        **_token_ids(tokenizer),
-    )
+    config = LlamaConfig(**_dense_kw(vocab_size, hidden_size, num_layers, tie_word_embeddings, tokenizer))
     return _build(LlamaForCausalLM, config, seed, dtype)
 
 
@@ -133,19 +123,8 @@ def tiny_gemma2(vocab_size: int = 1024, hidden_size: int = 64, num_layers: int =
     """A ``Gemma2ForCausalLM`` (tied embeddings, ``final_logit_softcapping``) with random weights."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    config = Gemma2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        final_logit_softcapping=final_logit_softcapping,
-        attn_implementation="eager",
-        **_token_ids(tokenizer),
-    )
+    config = Gemma2Config(head_dim=16, final_logit_softcapping=final_logit_softcapping, attn_implementation="eager",
+                          **_dense_kw(vocab_size, hidden_size, num_layers, True, tokenizer))
     return _build(Gemma2ForCausalLM, config, seed, dtype)
 
 

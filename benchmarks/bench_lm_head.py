@@ -290,6 +290,9 @@ def run_all(args, on_shape: Callable[[list[dict]], None] | None = None) -> list[
     dtype = getattr(torch, args.dtype)
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
     variants = build_variants(device, args.chunks)
+    for var in variants:  # --skip: e.g. TRL's CPU fallback at a shape where it would not fit in memory
+        if var.name in (args.skip or ()):
+            var.unavailable = "skipped (--skip)"
     rows: list[dict] = []
     for task, n, v in args.runs:
         case = make_case(task, n, args.hidden, v, dtype, device)
@@ -480,6 +483,7 @@ def main(argv=None):
     p.add_argument("--chunks", type=int, nargs="+", help="grpo_mel chunk sizes (plus auto)")
     p.add_argument("--repeats", type=int)
     p.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
+    p.add_argument("--skip", nargs="+", metavar="VARIANT", help="variants not to run (e.g. trl_fused), reported as skipped")
     p.add_argument("--csv")
     p.add_argument("--append", action="store_true",
                    help="add to the rows already in --csv (same shape+variant rows are replaced); "

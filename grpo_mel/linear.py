@@ -277,6 +277,11 @@ def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live,
     # own lm_head under autocast keeps a bf16 copy of W for its backward; dW still accumulates in float32.
     w_nograd = weight.detach().to(ctx.gemm_dtype)
     b_nograd = bias.detach().to(ctx.gemm_dtype) if bias is not None else None
+    # fp32_grad_input with half operands: CUDA's addmm reads them as they are (out_dtype); elsewhere W is upcast
+    # here once, not as a [V, H] float32 temporary in every chunk
+    fp32_dx = (dX is not None and ctx.opts.fp32_grad_input and dX.dtype == torch.float32
+               and w_nograd.dtype != torch.float32)
+    w_dx = w_nograd.float() if fp32_dx and X.device.type != "cuda" else w_nograd
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         x_c = X[start:end]
@@ -322,8 +327,11 @@ def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live,
         if dX is not None:
             if dX.dtype == dz.dtype:
                 torch.mm(dz, w_nograd, out=dX[start:end])  # [c, V] @ [V, H]
-            elif ctx.opts.fp32_grad_input and dX.dtype == torch.float32:  # half operands, float32 result
-                _addmm_fp32(dX[start:end].zero_(), dz, w_nograd)
+            elif fp32_dx:  # half operands, float32 result
+                if w_dx.dtype == torch.float32:
+                    torch.mm(dz.float(), w_dx, out=dX[start:end])
+                else:
+                    _addmm_fp32(dX[start:end].zero_(), dz, w_dx)
             else:  # as autograd of F.linear under autocast: dX in the GEMM's dtype, then cast to X's
                 dX[start:end].copy_(torch.mm(dz, w_nograd))
         if dW is not None:

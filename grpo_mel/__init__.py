@@ -9,14 +9,13 @@ measurement in :mod:`grpo_mel.memory`. Integrations (imported lazily, they pull 
 from .functions import (
     cross_entropy,
     kl_to_reference,
-    linear_cross_entropy,
-    linear_token_logprobs,
     mse_onehot,
     token_entropy,
     token_logprobs,
     token_logprobs_and_entropy,
     z_loss,
 )
+from .fused import linear_cross_entropy, linear_token_logprobs
 from .linear import MemoryEfficientLinear, chunked_linear, output_needs_grad
 from .memory import PeakMemory, peak_memory
 from .planning import plan_chunk_size

@@ -6,17 +6,15 @@ upcasts to float32 *before* any softmax (bf16 log-softmax over 128K entries lose
 None has a backward of its own: autograd differentiates them inside the chunked Function.
 
 Constants (temperature, ignore_index, softcap) are bound with keyword arguments, e.g.
-``functools.partial(token_logprobs, temperature=0.7)``; the front doors below do that for you.
+``functools.partial(token_logprobs, temperature=0.7)``; the front doors in :mod:`grpo_mel.fused` do that for you.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from .linear import chunked_linear, output_needs_grad
+from .linear import output_needs_grad
 
 __all__ = [
     "prepare_logits",
@@ -27,8 +25,6 @@ __all__ = [
     "mse_onehot",
     "kl_to_reference",
     "z_loss",
-    "linear_cross_entropy",
-    "linear_token_logprobs",
     "check_labels",
 ]
 
@@ -58,41 +54,47 @@ def _safe_labels(labels: torch.Tensor, ignore_index: int | None) -> tuple[torch.
     return labels.masked_fill(~valid, 0).long(), valid
 
 
-def token_logprobs(z, labels, temperature=1.0, softcap=None, logit_scale=1.0, ignore_index=None):
-    """log p(label | row): ``log_softmax(z)[label]`` ([c]); 0 where ``labels == ignore_index``."""
+def _log_softmax(z, temperature, softcap, logit_scale) -> torch.Tensor:
+    # one expression, so a scaled/softcapped/tempered copy of the logits is freed as soon as it is used
+    return prepare_logits(z, temperature, softcap, logit_scale).log_softmax(-1)
+
+
+def _label_logprob(logp: torch.Tensor, labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    # log_softmax + gather: one fused pass forward and one backward (gather - logsumexp costs ~2x on CPU)
     safe, valid = _safe_labels(labels, ignore_index)
-    # log_softmax + gather: one fused pass forward and one backward (gather - logsumexp costs ~2x on CPU).
-    # One expression, so a scaled/softcapped/tempered copy of the logits is freed as soon as it is used.
-    logp = prepare_logits(z, temperature, softcap, logit_scale).log_softmax(-1)
     lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return lp if valid is None else lp.masked_fill(~valid, 0.0)
 
 
+def _entropy(logp: torch.Tensor, differentiable: bool) -> torch.Tensor:
+    if differentiable:
+        return -(logp.exp() * logp).sum(-1)
+    with torch.no_grad():  # only logged (GRPO's usual case): no graph, so the softmax is not saved for a backward
+        return -(logp.exp().mul_(logp)).sum(-1)
+
+
+def token_logprobs(z, labels, temperature=1.0, softcap=None, logit_scale=1.0, ignore_index=None):
+    """log p(label | row): ``log_softmax(z)[label]`` ([c]); 0 where ``labels == ignore_index``."""
+    return _label_logprob(_log_softmax(z, temperature, softcap, logit_scale), labels, ignore_index)
+
+
 def token_entropy(z, temperature=1.0, softcap=None, logit_scale=1.0):
     """Entropy of softmax(z) per row ([c]): ``-Σ p·log p`` with ``log p = log_softmax(z)``."""
-    logp = prepare_logits(z, temperature, softcap, logit_scale).log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
+    return _entropy(_log_softmax(z, temperature, softcap, logit_scale), differentiable=True)
 
 
 def token_logprobs_and_entropy(z, labels, temperature=1.0, softcap=None, logit_scale=1.0, ignore_index=None):
     """``(token_logprobs, token_entropy)`` from one float32 upcast and one log-softmax."""
-    logp = prepare_logits(z, temperature, softcap, logit_scale).log_softmax(-1)
-    safe, valid = _safe_labels(labels, ignore_index)
-    lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    if valid is not None:
-        lp = lp.masked_fill(~valid, 0.0)
-    if output_needs_grad(1):
-        ent = -(logp.exp() * logp).sum(-1)
-    else:  # only logged (GRPO's usual case): no graph, so the softmax is not saved for a backward
-        with torch.no_grad():
-            ent = -(logp.exp().mul_(logp)).sum(-1)
-    return lp, ent
+    logp = _log_softmax(z, temperature, softcap, logit_scale)
+    return _label_logprob(logp, labels, ignore_index), _entropy(logp, differentiable=output_needs_grad(1))
 
 
-def cross_entropy(z, labels, ignore_index=-100, label_smoothing=0.0):
-    """Per-row cross-entropy ([c]), 0 at ignored rows; float32 as ``F.cross_entropy`` on upcast logits."""
+def cross_entropy(z, labels, ignore_index=-100, label_smoothing=0.0, softcap=None, logit_scale=1.0):
+    """Per-row cross-entropy ([c]), 0 at ignored rows; float32 as ``F.cross_entropy`` on the logits as
+    :func:`prepare_logits` gives them (the model's ``logit_scale`` and ``softcap``, no temperature)."""
     return F.cross_entropy(
-        z.float(), labels.long(), ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+        prepare_logits(z, softcap=softcap, logit_scale=logit_scale), labels.long(), ignore_index=ignore_index,
+        reduction="none", label_smoothing=label_smoothing,
     )
 
 
@@ -137,49 +139,10 @@ def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int | None
         raise ValueError(f"labels must be in [0, {vocab_size}){extra}; found {bad}")
 
 
-def linear_cross_entropy(
-    X, weight, labels, bias=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-    chunk_size=None, memory_budget=None,
-):
-    """Cross-entropy of ``X·Wᵀ + b`` against ``labels`` without the full logits.
+def __getattr__(name):
+    # the front doors lived here before grpo_mel.fused; old imports keep working
+    if name in ("linear_cross_entropy", "linear_token_logprobs"):
+        from . import fused
 
-    ``reduction="mean"`` divides by the number of non-ignored labels over the whole batch (exact whatever
-    the chunking), ``"sum"`` sums, ``"none"`` returns per-row losses shaped like ``labels``.
-    """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    _check_row_labels(X, labels)
-    check_labels(labels, weight.shape[0], ignore_index)
-    fn = functools.partial(cross_entropy, ignore_index=ignore_index, label_smoothing=label_smoothing)
-    per_row = chunked_linear(X, weight, fn, labels, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget)
-    if reduction == "none":
-        return per_row
-    total = per_row.sum()
-    if reduction == "sum":
-        return total
-    return total / (labels != ignore_index).sum()
-
-
-def linear_token_logprobs(
-    X, weight, labels, bias=None, temperature=1.0, softcap=None, logit_scale=1.0, ignore_index=None,
-    with_entropy=False, chunk_size=None, memory_budget=None,
-):
-    """Per-token log-probs (and entropies if ``with_entropy``) of ``labels`` under ``softmax((X·Wᵀ+b)/T)``.
-
-    Returns a tensor shaped like ``labels`` (or a pair of them), float32.
-    """
-    _check_row_labels(X, labels)
-    check_labels(labels, weight.shape[0], ignore_index)
-    kw = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index)
-    fn = functools.partial(token_logprobs_and_entropy if with_entropy else token_logprobs, **kw)
-    return chunked_linear(X, weight, fn, labels, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget)
-
-
-def _check_row_labels(X, labels) -> None:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
-    if tuple(labels.shape) != tuple(X.shape[:-1]):
-        raise ValueError(
-            f"labels has shape {tuple(labels.shape)} but X has shape {tuple(X.shape)}; "
-            f"labels must have X's leading shape {tuple(X.shape[:-1])}"
-        )
+        return getattr(fused, name)
+    raise AttributeError(f"module 'grpo_mel.functions' has no attribute {name!r}")

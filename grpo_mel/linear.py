@@ -7,7 +7,7 @@ The idea is ``torch.utils.checkpoint`` specialised to the LM head:
   scalar that is reduced across chunks). Nothing of size ``V`` outlives the chunk.
 * **backward**: for each chunk, recompute ``z_c`` with autograd on, let autograd differentiate ``f``
   with the upstream gradients as ``grad_outputs``, which yields ``dZ_c = ∂L/∂z_c``. ``z_c`` comes out
-  of a small catch node (:class:`_CatchGrad`) rather than being a leaf, so nothing but ``f``'s own
+  of a small node (:class:`_LogitsKeepingGrad`) rather than being a leaf, so nothing but ``f``'s own
   graph holds it: an ``f`` that saves only its own intermediates (log-softmax saves its output) lets
   the logits go right after its forward, one ``[c, V]`` buffer fewer at the chunk's peak. The linear
   part then is two GEMMs (the seed's equations):
@@ -19,33 +19,25 @@ gradient hooks, DDP and gradient accumulation see an ordinary gradient. Work is 
 not needed: no dW for a frozen W, no dX for an X that does not require grad, and outputs that
 received no gradient (e.g. an entropy that is only logged) are not differentiated.
 
-Two front doors share one Function:
-
-* :func:`chunked_linear` ``(X, weight, fn, *row_args, bias=None, chunk_size=None, ...)`` where
-  ``fn(z_c, *row_args_c)`` receives the chunk's logits ([c, V], X's dtype) and the matching rows
-  of each ``row_args`` tensor.
-* ``MemoryEfficientLinear.apply(X, linear, labels, forward_function)``, the seed notebook's
-  convention: ``forward_function(batch, linear, labels)`` calls ``linear(batch)`` itself; it gets a
-  stand-in module whose call returns the chunk's (recomputed) logits.
+Two front doors share one Function: :func:`chunked_linear` ``(X, weight, fn, *row_args, bias=None,
+chunk_size=None, ...)`` where ``fn(z_c, *row_args_c)`` receives the chunk's logits ([c, V], X's dtype) and
+the matching rows of each ``row_args`` tensor; and ``MemoryEfficientLinear.apply(X, linear, labels,
+forward_function)``, the seed notebook's convention (:mod:`grpo_mel.seed`).
 """
 
 from __future__ import annotations
 
 import contextvars
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
-from torch import nn
 
+from ._checks import as_outputs, check_chunk_outputs, validate_inputs
+from ._linear_grads import LinearGrads, chunk_logits
 from .planning import plan_chunk_size, validate_chunk_size, validate_memory_budget
 
 __all__ = ["MemoryEfficientLinear", "chunked_linear", "output_needs_grad"]
-
-_REDUCTIONS = ("mean", "sum")
-_IGNORE_INDEX = -100  # torch's cross_entropy default, the seed convention's labels
-
 
 #: Indices of f's outputs that receive a gradient, while the backward recomputes a chunk; None otherwise.
 _LIVE_OUTPUTS: contextvars.ContextVar[frozenset[int] | None] = contextvars.ContextVar("grpo_mel_live_outputs",
@@ -67,107 +59,18 @@ def output_needs_grad(index: int) -> bool:
     return index in live
 
 
-def _as_tuple(out) -> tuple[torch.Tensor, ...]:
-    if isinstance(out, torch.Tensor):
-        return (out,)
-    if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out) and len(out) > 0:
-        return tuple(out)
-    raise TypeError(
-        "the transformation function must return a tensor or a non-empty tuple of tensors, "
-        f"got {type(out).__name__}"
-    )
-
-
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` into a float32 ``acc`` without rounding ``a @ b`` to a half dtype first.
-
-    Rounding each chunk's dW contribution to bf16 before summing would add one rounding error per
-    chunk; accumulating in fp32 keeps dW at least as accurate as the full-logits GEMM.
-    """
-    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16) and _addmm_out_fp32(acc, a, b):
-        return
-    acc.addmm_(a.float(), b.float())
-
-
-def _addmm_out_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``torch.addmm(acc, a, b, out_dtype=float32, out=acc)``; False where this torch cannot do it.
-
-    Only "no ``out_dtype`` support" is caught: a torch whose ``addmm`` has no such keyword (TypeError), no
-    kernel for the device (NotImplementedError, "addmm.dtype_out"), or one that rejects this combination of
-    dtypes (a RuntimeError naming the dtypes). Anything else, out-of-memory included, propagates.
-    """
-    try:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    except (TypeError, RuntimeError) as e:
-        if isinstance(e, torch.cuda.OutOfMemoryError) or "dtype" not in str(e):
-            raise
-        return False
-    return True
-
-
-class _LogitsStandIn(nn.Module):
-    """Handed to a seed-convention ``forward_function`` in place of the real ``linear``.
-
-    Calling it returns the chunk's logits, which the Function computed (once, in forward under
-    ``no_grad``; again in backward with autograd on), so ``f``'s ``linear(batch)`` costs nothing and
-    its gradient arrives at the logits as dZ_c.
-    """
-
-    def __init__(self, logits: torch.Tensor, linear: nn.Module):
-        super().__init__()
-        self._logits = logits
-        self.weight = linear.weight  # for f that reads e.g. ``linear.weight.size(0)``
-        self.bias = getattr(linear, "bias", None)
-        self.in_features = getattr(linear, "in_features", linear.weight.shape[1])
-        self.out_features = getattr(linear, "out_features", linear.weight.shape[0])
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        rows = self._logits.shape[0]
-        if batch.shape[-1] != self.in_features or batch.numel() // max(batch.shape[-1], 1) != rows:
-            raise ValueError(
-                f"forward_function called linear() on a tensor of shape {tuple(batch.shape)}, but the chunk "
-                f"it was given has {rows} rows of width {self.in_features}; call linear() on the batch it received"
-            )
-        return self._logits.view(*batch.shape[:-1], self._logits.shape[-1])
-
-
-class _SeedFunction:
-    """Adapts ``forward_function(batch, linear, labels)`` to the ``fn(z, x_c, labels_c)`` form."""
-
-    def __init__(self, forward_function: Callable, linear: nn.Module):
-        self.forward_function = forward_function
-        self.linear = linear
-
-    def __call__(self, z: torch.Tensor, x_c: torch.Tensor, *rest: torch.Tensor):
-        return self.forward_function(x_c, _LogitsStandIn(z, self.linear), *rest)
-
-
 @dataclass(frozen=True)
 class _Options:
+    """Everything the Function takes besides the tensors it differentiates."""
+
+    fn: Callable  # f(z_c, *row_args_c)
     chunk_size: int  # rows per chunk
     reduction: str  # how 0-dim outputs combine over chunks: "mean" | "sum"
     fp32_grad_input: bool  # see chunked_linear
 
-
-def _warn_mean_over_ignored_labels(out, labels: torch.Tensor, reduction: str) -> None:
-    """The seed convention weights a scalar f's chunks by their share of rows: exact for a mean over all rows,
-    not for a mean over the labels that are not ignored (cross-entropy's default), so say so when it applies."""
-    scalar = any(o.dim() == 0 for o in _as_tuple(out))
-    if reduction == "mean" and scalar and bool((labels == _IGNORE_INDEX).any()):
-        warnings.warn(
-            "MemoryEfficientLinear.apply: forward_function returned a scalar, which reduction='mean' combines over "
-            f"chunks by their share of rows, and labels contain {_IGNORE_INDEX} (ignored). A mean over the "
-            "labels that are not ignored (e.g. cross_entropy's default) then differs from the full-batch value "
-            "(NaN if a chunk has only ignored labels). For cross-entropy use grpo_mel.linear_cross_entropy(X, "
-            "linear.weight, labels, bias=linear.bias); otherwise return a sum per chunk, pass reduction='sum' and "
-            f"divide by (labels != {_IGNORE_INDEX}).sum().",
-            UserWarning, stacklevel=3,
-        )
-
-
-def _chunk_logits(x_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # [c, H] @ [H, V] -> [c, V], in X's dtype (the float32 upcast is f's first step)
-    return torch.nn.functional.linear(x_c, weight, bias)
+    def scalar_weight(self, rows: int, n: int) -> float:
+        """The weight of one chunk's 0-dim output in the total: its share of rows for "mean"."""
+        return rows / n if self.reduction == "mean" else 1.0
 
 
 class MemoryEfficientLinear(torch.autograd.Function):
@@ -179,64 +82,40 @@ class MemoryEfficientLinear(torch.autograd.Function):
 
     @classmethod
     def apply(cls, *args, **kwargs):  # noqa: D102 - documented on the class
-        if len(args) >= 4 and isinstance(args[1], nn.Module) and callable(args[3]) and not kwargs:
-            X, linear, labels, forward_function, *extra = args
-            if len(extra) > 2:
-                raise TypeError("MemoryEfficientLinear.apply(X, linear, labels, forward_function, "
-                                "[chunk_size, [reduction]]) takes at most 6 arguments")
-            chunk_size = extra[0] if len(extra) > 0 else None
-            reduction = extra[1] if len(extra) > 1 else "mean"
-            fn = _SeedFunction(forward_function, linear)
-            # X rides along as a row argument only so f can be handed its chunk's rows; detached, it gets no
-            # gradient of its own (the stand-in linear ignores it: dX comes through the logits)
-            out = chunked_linear(
-                X, linear.weight, fn, X.detach(), labels, bias=getattr(linear, "bias", None),
-                chunk_size=chunk_size, reduction=reduction,
-            )
-            _warn_mean_over_ignored_labels(out, labels, reduction)
-            return out
+        from .seed import is_seed_call, seed_apply  # seed builds on chunked_linear, below
+
+        if is_seed_call(args, kwargs):
+            return seed_apply(*args)
         return super().apply(*args, **kwargs)
 
     @staticmethod
-    def forward(ctx, X, weight, bias, fn, opts: _Options, *row_args):
+    def forward(ctx, opts: _Options, X, weight, bias, *row_args):
         # X: [N, H]; weight: [V, H]; bias: [V] or None; row_args: tensors with leading dim N
-        n, chunk_size, reduction = X.shape[0], opts.chunk_size, opts.reduction
+        n = X.shape[0]
         # backward replays f's random draws and the autocast state (as torch.utils.checkpoint does), so the
         # recomputed chunk is the one forward computed (e.g. a bf16 matmul under autocast, not an fp32 one)
-        rng = _get_rng_state(X.device)
-        autocast = _autocast_state(X.device)
+        ctx.rng = _rng_state(X.device)
+        ctx.autocast = _autocast_state(X.device)
         outs: list[torch.Tensor] | None = None
         scalar: list[bool] = []
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            z = _chunk_logits(X[start:end], weight, bias)
-            res = _as_tuple(fn(z, *(a[start:end] for a in row_args)))
-            del z
+        # N == 0: f still runs once, on an empty chunk, for the output shapes
+        for start in range(0, max(n, 1), opts.chunk_size):
+            end = min(start + opts.chunk_size, n)
+            res = as_outputs(opts.fn(chunk_logits(X[start:end], weight, bias), *(a[start:end] for a in row_args)))
             if outs is None:
                 scalar = [r.dim() == 0 for r in res]
-                outs = [
-                    torch.zeros((), dtype=_acc_dtype(r), device=r.device) if s
-                    else r.new_empty((n, *r.shape[1:]))
-                    for r, s in zip(res, scalar)
-                ]
-            _check_chunk_outputs(res, scalar, end - start)
+                outs = [torch.zeros((), dtype=_acc_dtype(r), device=r.device) if s else r.new_empty((n, *r.shape[1:]))
+                        for r, s in zip(res, scalar)]
+            check_chunk_outputs(res, scalar, end - start)
             for o, r, s in zip(outs, res, scalar):
-                if s:
-                    w = (end - start) / n if reduction == "mean" else 1.0
-                    o.add_(r.to(o.dtype), alpha=w)
-                else:
+                if s and n:
+                    o.add_(r.to(o.dtype), alpha=opts.scalar_weight(end - start, n))
+                elif not s:
                     o[start:end].copy_(r)
-        if outs is None:  # N == 0: f never ran; run it on an empty chunk for the output shapes
-            z = _chunk_logits(X[:0], weight, bias)
-            res = _as_tuple(fn(z, *(a[:0] for a in row_args)))
-            scalar = [r.dim() == 0 for r in res]
-            outs = [torch.zeros((), dtype=_acc_dtype(r), device=r.device) if s else r.clone() for r, s in zip(res, scalar)]
 
-        ctx.fn, ctx.opts, ctx.scalar = fn, opts, scalar
-        ctx.rng, ctx.autocast = rng, autocast
+        ctx.opts, ctx.scalar = opts, scalar
         # the dtype the forward's GEMM produced (the autocast dtype under autocast): the backward's GEMMs run in it too
         ctx.gemm_dtype = _gemm_dtype(X, weight, bias)
-        ctx.n_row_args = len(row_args)
         ctx.save_for_backward(X, weight, bias, *row_args)
         ctx.set_materialize_grads(False)
         non_diff = [o for o in outs if not o.is_floating_point()]
@@ -247,125 +126,88 @@ class MemoryEfficientLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outs):
         X, weight, bias, *row_args = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        arg_needs = ctx.needs_input_grad[5:]
+        need_x, need_w, need_b, *arg_needs = ctx.needs_input_grad[1:]
         live = [i for i, g in enumerate(grad_outs) if g is not None]
-        n_in = 5 + ctx.n_row_args
         if not live:
-            return (None,) * n_in
+            return (None,) * len(ctx.needs_input_grad)
 
-        dX = torch.empty(X.shape, dtype=X.dtype, device=X.device) if need_x else None
-        dW = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if (need_b and bias is not None) else None
+        grads = LinearGrads(X, weight, bias, need_x, need_w, need_b, ctx.gemm_dtype, ctx.opts.fp32_grad_input)
         d_args = [torch.zeros_like(a) if need else None for a, need in zip(row_args, arg_needs)]
-        if X.shape[0] == 0:
-            return _pack_grads(dX, dW, db, weight, bias, d_args)
+        if X.shape[0] > 0:
+            token = _LIVE_OUTPUTS.set(frozenset(live))  # what output_needs_grad answers inside f
+            devices = [X.device] if X.device.type == "cuda" else []
+            try:
+                with torch.random.fork_rng(devices=devices, device_type=X.device.type):
+                    _restore_rng(X.device, ctx.rng)
+                    _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads, d_args)
+            finally:
+                _LIVE_OUTPUTS.reset(token)
+        return (None, *grads.result(), *d_args)
 
-        token = _LIVE_OUTPUTS.set(frozenset(live))  # what output_needs_grad answers inside f
-        try:
-            with _replayed_rng(X.device, ctx.rng):
-                _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live, dX, dW, db, d_args)
-        finally:
-            _LIVE_OUTPUTS.reset(token)
-        return _pack_grads(dX, dW, db, weight, bias, d_args)
 
-
-def _backward_chunks(ctx, X, weight, bias, row_args, arg_needs, grad_outs, live, dX, dW, db, d_args) -> None:
+def _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads: LinearGrads, d_args) -> None:
     """Recompute each chunk with autograd on, differentiate f with the upstream gradients, apply the GEMMs."""
-    n, chunk = X.shape[0], ctx.opts.chunk_size
-    # Under autocast (fp32 weights, bf16 GEMMs) cast W once for every chunk's recompute and dX GEMM, as the model's
-    # own lm_head under autocast keeps a bf16 copy of W for its backward; dW still accumulates in float32.
-    w_nograd = weight.detach().to(ctx.gemm_dtype)
-    b_nograd = bias.detach().to(ctx.gemm_dtype) if bias is not None else None
-    # fp32_grad_input with half operands: CUDA's addmm reads them as they are (out_dtype); elsewhere W is upcast
-    # here once, not as a [V, H] float32 temporary in every chunk
-    fp32_dx = (dX is not None and ctx.opts.fp32_grad_input and dX.dtype == torch.float32
-               and w_nograd.dtype != torch.float32)
-    w_dx = w_nograd.float() if fp32_dx and X.device.type != "cuda" else w_nograd
-    for start in range(0, n, chunk):
-        end = min(start + chunk, n)
+    n, opts = X.shape[0], ctx.opts
+    for start in range(0, n, opts.chunk_size):
+        end = min(start + opts.chunk_size, n)
         x_c = X[start:end]
-        args_c = [
-            a[start:end].detach().requires_grad_(True) if need else a[start:end]
-            for a, need in zip(row_args, arg_needs)
-        ]
+        args_c = [a[start:end].detach().requires_grad_(True) if need else a[start:end]
+                  for a, need in zip(row_args, arg_needs)]
         anchor = torch.empty((), device=X.device, requires_grad=True)  # never read: only a graph root
-        catch = _Catch()
+        dz_box = _GradBox()
         with torch.enable_grad(), torch.autocast(**ctx.autocast):
             # z is not a leaf: only the graph of f holds it, so it is freed as soon as f is done with it
-            # (e.g. log_softmax keeps its output, not its input) and dZ arrives in catch.grad
-            res = _as_tuple(ctx.fn(_CatchGrad.apply(anchor, x_c, w_nograd, b_nograd, catch), *args_c))
-        outputs, grads = [], []
+            # (e.g. log_softmax keeps its output, not its input) and dZ arrives in dz_box.grad
+            z = _LogitsKeepingGrad.apply(anchor, x_c, grads.w_gemm, grads.b_gemm, dz_box)
+            res = as_outputs(opts.fn(z, *args_c))
+            del z
+        outputs, grad_outputs = [], []
         for i in live:
-            r = res[i]
-            if not r.requires_grad:
-                continue
-            g = grad_outs[i]
-            if ctx.scalar[i]:
-                w = (end - start) / n if ctx.opts.reduction == "mean" else 1.0
-                g = g * w
-            else:
-                g = g[start:end]
-            outputs.append(r)
-            grads.append(g.to(r.dtype))
-        if not outputs:
-            if dX is not None:
-                dX[start:end].zero_()
-            continue
-        wrt = [anchor] + [a for a, need in zip(args_c, arg_needs) if need]
-        got = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
-        del res, outputs
-        dz, catch.grad = catch.grad, None
-        for d_acc, g_a in zip([d for d in d_args if d is not None], got[1:]):
-            if g_a is not None:
-                d_acc[start:end].copy_(g_a)
-        if dz is None:
-            if dX is not None:
-                dX[start:end].zero_()
-            continue
-        dz = dz.to(w_nograd.dtype)  # [c, V]
-        if dX is not None:
-            if dX.dtype == dz.dtype:
-                torch.mm(dz, w_nograd, out=dX[start:end])  # [c, V] @ [V, H]
-            elif fp32_dx:  # half operands, float32 result
-                if w_dx.dtype == torch.float32:
-                    torch.mm(dz.float(), w_dx, out=dX[start:end])
-                else:
-                    _addmm_fp32(dX[start:end].zero_(), dz, w_dx)
-            else:  # as autograd of F.linear under autocast: dX in the GEMM's dtype, then cast to X's
-                dX[start:end].copy_(torch.mm(dz, w_nograd))
-        if dW is not None:
-            _addmm_fp32(dW, dz.t(), x_c.to(dz.dtype))
-        if db is not None:
-            db.add_(dz.sum(0, dtype=torch.float32))
-        del dz, got
+            if res[i].requires_grad:
+                g = grad_outs[i] * opts.scalar_weight(end - start, n) if ctx.scalar[i] else grad_outs[i][start:end]
+                outputs.append(res[i])
+                grad_outputs.append(g.to(res[i].dtype))
+        if outputs:
+            wrt = [anchor] + [a for a, need in zip(args_c, arg_needs) if need]
+            got = torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True)
+            del res, outputs
+            for d_acc, g_a in zip([d for d in d_args if d is not None], got[1:]):
+                if g_a is not None:
+                    d_acc[start:end].copy_(g_a)
+            del got
+        dz, dz_box.grad = dz_box.grad, None
+        grads.add_chunk(start, end, x_c, dz)  # dz None: no output that depends on the logits got a gradient
+        del dz
 
 
-class _Catch:
+class _GradBox:
+    """Where :class:`_LogitsKeepingGrad` leaves the gradient of the logits (dZ_c) for the backward loop."""
+
     grad: torch.Tensor | None = None
 
 
-class _CatchGrad(torch.autograd.Function):
-    """Recomputes a chunk's logits as a non-leaf and hands their gradient dZ to a :class:`_Catch`.
+class _LogitsKeepingGrad(torch.autograd.Function):
+    """Recomputes a chunk's logits as a non-leaf and puts their gradient dZ in a :class:`_GradBox`.
 
     A leaf ``z.requires_grad_()`` would be held by its AccumulateGrad node until the chunk's backward is
-    over; this node holds nothing, so the [c, V] logits live only as long as f's graph needs them.
+    over; this node holds nothing, so the [c, V] logits live only as long as f's graph needs them. Its
+    input ``anchor`` (a 0-dim leaf that is never read) is what ``autograd.grad`` differentiates towards.
     """
 
     @staticmethod
-    def forward(ctx, anchor, x_c, weight, bias, catch):
-        ctx.catch = catch
-        return _chunk_logits(x_c, weight, bias)
+    def forward(ctx, anchor, x_c, weight, bias, box):
+        ctx.box = box
+        return chunk_logits(x_c, weight, bias)
 
     @staticmethod
     def backward(ctx, dz):
-        ctx.catch.grad = dz
+        ctx.box.grad = dz
         return None, None, None, None, None
 
 
 def _gemm_dtype(X: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
     """The dtype ``F.linear(X, weight, bias)`` computes in here: the autocast dtype where autocast applies."""
-    probe = _chunk_logits(X[:0], weight[:0], None if bias is None else bias[:0])  # [0, 0]: no work, autocast's rule
+    probe = chunk_logits(X[:0], weight[:0], None if bias is None else bias[:0])  # [0, 0]: no work, autocast's rule
     return probe.dtype
 
 
@@ -379,34 +221,15 @@ def _autocast_state(device: torch.device) -> dict:
     }
 
 
-def _get_rng_state(device: torch.device):
-    cpu = torch.get_rng_state()
-    dev = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return cpu, dev
+def _rng_state(device: torch.device) -> tuple:
+    """The CPU (and X's CUDA device's) RNG state, for the backward to replay inside ``fork_rng``."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
-class _replayed_rng:
-    """Run the backward's recomputation from the RNG state the forward started with, then restore."""
-
-    def __init__(self, device: torch.device, state):
-        self.device, self.state = device, state
-
-    def __enter__(self):
-        self.saved = _get_rng_state(self.device)
-        torch.set_rng_state(self.state[0])
-        if self.state[1] is not None:
-            torch.cuda.set_rng_state(self.state[1], self.device)
-
-    def __exit__(self, *exc):
-        torch.set_rng_state(self.saved[0])
-        if self.saved[1] is not None:
-            torch.cuda.set_rng_state(self.saved[1], self.device)
-
-
-def _pack_grads(dX, dW, db, weight, bias, d_args):
-    dW = dW.to(weight.dtype) if dW is not None else None
-    db = db.to(bias.dtype) if db is not None else None
-    return (dX, dW, db, None, None, *d_args)
+def _restore_rng(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _acc_dtype(r: torch.Tensor) -> torch.dtype:
@@ -414,21 +237,6 @@ def _acc_dtype(r: torch.Tensor) -> torch.dtype:
     if r.is_floating_point() and r.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return r.dtype
-
-
-def _check_chunk_outputs(res: Sequence[torch.Tensor], scalar: Sequence[bool], rows: int) -> None:
-    if len(res) != len(scalar):
-        raise ValueError(f"the transformation function returned {len(res)} outputs on one chunk "
-                         f"and {len(scalar)} on another")
-    for k, (r, s) in enumerate(zip(res, scalar)):
-        if s and r.dim() != 0:
-            raise ValueError(f"output {k} of the transformation function is a scalar on one chunk but has shape "
-                             f"{tuple(r.shape)} on another")
-        if not s and (r.dim() == 0 or r.shape[0] != rows):
-            raise ValueError(
-                f"output {k} of the transformation function has shape {tuple(r.shape)} for a chunk of {rows} rows; "
-                "per-row outputs must have the chunk's rows as their first dimension (or be 0-dim scalars)"
-            )
 
 
 def chunked_linear(
@@ -466,7 +274,7 @@ def chunked_linear(
     Returns:
         A tensor (or tuple) with per-row outputs shaped ``X.shape[:-1] + trailing``, scalars 0-dim.
     """
-    _validate(X, weight, bias, row_args, reduction)
+    validate_inputs(X, weight, bias, row_args, reduction)
     validate_chunk_size(chunk_size)
     validate_memory_budget(memory_budget)
     lead = X.shape[:-1]
@@ -474,51 +282,7 @@ def chunked_linear(
     n = X2.shape[0]
     flat_args = tuple(a.reshape(n, *a.shape[len(lead):]) for a in row_args)
     chunk = plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget)
-    opts = _Options(chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input))
-    outs = MemoryEfficientLinear.apply(X2, weight, bias, fn, opts, *flat_args)
+    opts = _Options(fn=fn, chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input))
+    outs = MemoryEfficientLinear.apply(opts, X2, weight, bias, *flat_args)
     outs = tuple(o if o.dim() == 0 else o.view(*lead, *o.shape[1:]) for o in outs)
     return outs[0] if len(outs) == 1 else outs
-
-
-def _validate(X, weight, bias, row_args, reduction) -> None:
-    if not isinstance(X, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("X and weight must be tensors")
-    if X.dim() < 1:
-        raise ValueError(f"X must have at least 1 dimension [..., H], got shape {tuple(X.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
-    if X.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden size mismatch: X has shape {tuple(X.shape)} (H={X.shape[-1]}) but weight has shape "
-            f"{tuple(weight.shape)} (H={weight.shape[1]})"
-        )
-    if not X.is_floating_point() or not weight.is_floating_point():
-        raise TypeError(f"X and weight must be floating point, got X {X.dtype} and weight {weight.dtype}")
-    if X.dtype != weight.dtype:
-        raise TypeError(
-            f"dtype mismatch: X is {X.dtype} but weight is {weight.dtype}; cast one (under autocast, cast X "
-            "to the weight's dtype, as the LM head's own matmul would)"
-        )
-    if X.device != weight.device:
-        raise ValueError(f"device mismatch: X is on {X.device} but weight is on {weight.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},), got "
-                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-        if bias.device != weight.device or bias.dtype != weight.dtype:
-            raise TypeError(f"bias must match weight's dtype and device ({weight.dtype}, {weight.device}), "
-                            f"got ({bias.dtype}, {bias.device})")
-    lead = tuple(X.shape[:-1])
-    for k, a in enumerate(row_args):
-        if not isinstance(a, torch.Tensor):
-            raise TypeError(f"row argument {k} must be a tensor, got {type(a).__name__}; "
-                            "pass constants through functools.partial")
-        if tuple(a.shape[: len(lead)]) != lead:
-            raise ValueError(
-                f"row argument {k} has shape {tuple(a.shape)} but must start with X's leading shape {lead} "
-                f"(X is {tuple(X.shape)})"
-            )
-        if a.device != X.device:
-            raise ValueError(f"device mismatch: row argument {k} is on {a.device} but X is on {X.device}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")

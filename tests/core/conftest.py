@@ -90,8 +90,9 @@ def ref_logprobs_and_entropy(z, labels, temperature=1.0, softcap=None, logit_sca
     )
 
 
-def ref_cross_entropy(z, labels, ignore_index=-100, label_smoothing=0.0):
-    return F.cross_entropy(upcast(z), labels.long(), ignore_index=ignore_index, reduction="none",
+def ref_cross_entropy(z, labels, ignore_index=-100, label_smoothing=0.0, softcap=None, logit_scale=1.0):
+    return F.cross_entropy(ref_scaled(z, softcap=softcap, logit_scale=logit_scale), labels.long(),
+                           ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
 
 

@@ -278,3 +278,30 @@ def test_logprobs_and_entropy_with_and_without_entropy_grad(temperature):
             ours = (out, g)
     for a, r in zip(ours[0] + ours[1], out + g):
         assert_close_fp32(a, r)
+
+
+def test_f_with_random_draws_sees_the_same_draws_in_backward():
+    """An f with dropout: the backward's recompute replays the forward's draws (the gradient is the one of the
+    masks the forward used), and the caller's RNG is where it was before the backward."""
+    X, W, b, _ = make_inputs((10,), H, V, bias=True)
+    p, chunk = 0.5, 4
+
+    def dropout_sq(z):
+        return F.dropout(z.float(), p=p, training=True).pow(2).sum(-1)
+
+    torch.manual_seed(123)
+    Xo, Wo, bo = leaf_clone(X), leaf_clone(W), leaf_clone(b)
+    out = chunked_linear(Xo, Wo, dropout_sq, bias=bo, chunk_size=chunk)
+    before_backward = torch.get_rng_state()
+    got = grads(out.sum(), [Xo, Wo, bo])
+    assert torch.equal(torch.get_rng_state(), before_backward)
+
+    # reference: the same masks, drawn chunk by chunk from the same seed, applied to the full logits
+    torch.manual_seed(123)
+    masks = [F.dropout(torch.ones(min(chunk, 10 - s), V), p=p, training=True) for s in range(0, 10, chunk)]
+    mask = torch.cat(masks)
+    Xr, Wr, br = leaf_clone(X), leaf_clone(W), leaf_clone(b)
+    ref = (naive_apply(Xr, Wr, lambda z: z.float(), bias=br) * mask).pow(2).sum(-1)
+    assert_close_fp32(out, ref)
+    for go, gr in zip(got, grads(ref.sum(), [Xr, Wr, br])):
+        assert_close_fp32(go, gr)

@@ -1,0 +1,141 @@
+"""grpo_mel.planning: argument checks, the default budget, the per-row cost model and the chunk size it gives.
+
+References are computed here from the documented model (bytes per row = V · (itemsize + 3·4)), independently
+of the module's own arithmetic; the end-to-end checks (a budget really splits the work, any budget gives parity)
+are in test_parity.py and test_properties.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo_mel import chunked_linear, planning
+from grpo_mel import functions as G
+from grpo_mel.planning import (
+    DEFAULT_CPU_BUDGET_BYTES,
+    bytes_per_row,
+    default_memory_budget,
+    plan_chunk_size,
+    validate_chunk_size,
+    validate_memory_budget,
+)
+
+from .conftest import ChunkRecorder, assert_close_fp32, make_inputs, naive_apply, ref_token_logprobs
+
+
+@pytest.mark.parametrize("value", [None, 1, 7, 10**9])
+def test_validate_chunk_size_accepts(value):
+    validate_chunk_size(value)
+
+
+@pytest.mark.parametrize("value,exc,msg", [
+    (0, ValueError, r"chunk_size must be >= 1, got 0"),
+    (-3, ValueError, r"chunk_size must be >= 1, got -3"),
+    (2.0, TypeError, r"chunk_size must be an int >= 1 or None \(automatic\), got 2.0"),
+    (True, TypeError, r"got True"),
+    ("8", TypeError, r"got '8'"),
+    (torch.tensor(4), TypeError, r"chunk_size must be an int"),
+])
+def test_validate_chunk_size_rejects(value, exc, msg):
+    with pytest.raises(exc, match=msg):
+        validate_chunk_size(value)
+
+
+@pytest.mark.parametrize("value", [None, 1, 0.5, 2**30, 1e12])
+def test_validate_memory_budget_accepts(value):
+    validate_memory_budget(value)
+
+
+@pytest.mark.parametrize("value,exc,msg", [
+    (0, ValueError, r"memory_budget must be a finite number of bytes > 0, got 0"),
+    (-1, ValueError, r"got -1"),
+    (float("nan"), ValueError, r"got nan"),
+    (float("inf"), ValueError, r"got inf"),
+    (False, TypeError, r"memory_budget must be a number of bytes or None, got False"),
+    ("1e6", TypeError, r"got '1e6'"),
+])
+def test_validate_memory_budget_rejects(value, exc, msg):
+    with pytest.raises(exc, match=msg):
+        validate_memory_budget(value)
+
+
+def test_default_budget_on_the_cpu_is_96_mib():
+    assert DEFAULT_CPU_BUDGET_BYTES == 96 * 2**20
+    assert default_memory_budget(torch.device("cpu")) == 96 * 2**20
+
+
+def test_default_budget_on_cuda_is_a_clamped_share_of_free_memory(monkeypatch):
+    """0.25 x free memory, clamped to [96 MiB, 512 MiB] (the CUDA query is faked: no GPU needed)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = torch.device("cuda")
+    for free, expected in [(100 * 2**20, 96 * 2**20), (1 * 2**30, 256 * 2**20), (80 * 2**30, 512 * 2**20)]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * 2**30))
+        assert default_memory_budget(cuda) == expected
+
+
+@pytest.mark.parametrize("dtype,itemsize", [(torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2),
+                                            (torch.float64, 8)])
+def test_bytes_per_row_is_the_logits_plus_three_float32_buffers(dtype, itemsize):
+    assert planning.LIVE_FP32_BUFFERS == 3
+    assert bytes_per_row(32000, dtype) == 32000 * (itemsize + 12)
+    assert bytes_per_row(1, dtype) == itemsize + 12
+
+
+def test_plan_default_cpu_chunk_at_v32000_fp32():
+    # 96 MiB // (32000 · 16 B) = 196 rows (the figure docs/design.md quotes)
+    assert plan_chunk_size(10_000, 32_000, torch.float32, "cpu") == 196
+
+
+@pytest.mark.parametrize("n,v,budget,expected", [
+    (100, 10, 10 * 16 * 7, 7),        # exactly 7 rows' worth
+    (100, 10, 10 * 16 * 7 + 159, 7),  # one byte short of 8 rows rounds down
+    (100, 10, 10 * 16 * 8, 8),
+    (5, 10, 10**9, 5),                # never more rows than there are
+    (100, 10, 1, 1),                  # never fewer than one
+    (0, 10, 10**9, 1),                # an empty input still gets a valid chunk size
+    (0, 10, 1, 1),
+])
+def test_plan_from_budget_edge_cases(n, v, budget, expected):
+    assert plan_chunk_size(n, v, torch.float32, "cpu", memory_budget=budget) == expected
+
+
+@pytest.mark.parametrize("n,chunk,expected", [(13, 4, 4), (13, 13, 13), (13, 100, 13), (0, 4, 1), (1, 1, 1)])
+def test_explicit_chunk_size_wins_and_is_clamped(n, chunk, expected):
+    # a budget that alone would give 1 row is ignored when chunk_size is given
+    assert plan_chunk_size(n, 50, torch.float32, "cpu", chunk_size=chunk, memory_budget=1) == expected
+
+
+def test_bf16_rows_cost_less_than_fp32():
+    budget = 14 * 1000 * 50  # 50 bf16 rows at V=1000 (14 B per logit), 43 fp32 rows (16 B)
+    assert plan_chunk_size(10**6, 1000, torch.bfloat16, "cpu", memory_budget=budget) == 50
+    assert plan_chunk_size(10**6, 1000, torch.float32, "cpu", memory_budget=budget) == 43
+
+
+def test_plan_validates_its_arguments():
+    with pytest.raises(ValueError, match=r"chunk_size must be >= 1"):
+        plan_chunk_size(10, 10, chunk_size=0)
+    with pytest.raises(ValueError, match=r"memory_budget must be a finite number"):
+        plan_chunk_size(10, 10, memory_budget=float("nan"))
+
+
+# --------------------------------------------------------------------------------------------------
+# the plan as chunked_linear uses it
+# --------------------------------------------------------------------------------------------------
+
+def test_memory_budget_really_chunks():
+    """The explicit budget used above does split the work (3 rows per chunk), forward and backward."""
+    X, W, _, labels = make_inputs((13,), 16, 50)
+    rec = ChunkRecorder(G.token_logprobs)
+    out = chunked_linear(X, W, rec, labels, memory_budget=3 * bytes_per_row(50, torch.float32))
+    out.sum().backward()
+    assert rec.rows == [3, 3, 3, 3, 1] * 2
+
+
+def test_tiny_memory_budget_still_works():
+    """A positive budget below one row's cost clamps to one row per chunk (no error, right result)."""
+    X, W, _, labels = make_inputs((13,), 16, 50)
+    rec = ChunkRecorder(G.token_logprobs)
+    out = chunked_linear(X, W, rec, labels, memory_budget=1)
+    assert_close_fp32(out, naive_apply(X, W, ref_token_logprobs, labels))
+    assert rec.rows == [1] * 13

@@ -35,7 +35,7 @@ import torch
 
 from ._checks import as_outputs, check_chunk_outputs, validate_inputs
 from ._linear_grads import LinearGrads, chunk_logits
-from .planning import plan_chunk_size, validate_chunk_size, validate_memory_budget
+from .planning import LIVE_FP32_BUFFERS, plan_chunk_size, validate_chunk_size, validate_memory_budget
 
 __all__ = ["MemoryEfficientLinear", "chunked_linear", "output_needs_grad"]
 
@@ -67,6 +67,7 @@ class _Options:
     chunk_size: int  # rows per chunk
     reduction: str  # how 0-dim outputs combine over chunks: "mean" | "sum"
     fp32_grad_input: bool  # see chunked_linear
+    keep_graph: bool = False  # one chunk: the forward builds f's graph and the backward uses it (no recompute)
 
     def scalar_weight(self, rows: int, n: int) -> float:
         """The weight of one chunk's 0-dim output in the total: its share of rows for "mean"."""
@@ -98,10 +99,22 @@ class MemoryEfficientLinear(torch.autograd.Function):
         ctx.autocast = _autocast_state(X.device)
         outs: list[torch.Tensor] | None = None
         scalar: list[bool] = []
+        # an f with a closed-form backward (grpo_mel.saved_lse) saves one float32 statistic per row
+        closed_form = _has_closed_form(opts.fn) and not opts.keep_graph
+        ctx.stats = torch.empty(n, dtype=torch.float32, device=X.device) if closed_form else None
+        ctx.kept = None
         # N == 0: f still runs once, on an empty chunk, for the output shapes
         for start in range(0, max(n, 1), opts.chunk_size):
             end = min(start + opts.chunk_size, n)
-            res = as_outputs(opts.fn(chunk_logits(X[start:end], weight, bias), *(a[start:end] for a in row_args)))
+            args_c = [a[start:end] for a in row_args]
+            if opts.keep_graph:  # one chunk: f's graph is kept for the backward
+                ctx.kept = _ChunkGraph(opts.fn, X, weight, bias, row_args, ctx.needs_input_grad[4:])
+                res = [r.detach() for r in ctx.kept.res]
+            elif ctx.stats is None:
+                res = as_outputs(opts.fn(chunk_logits(X[start:end], weight, bias), *args_c))
+            else:
+                res, stat = opts.fn.forward_with_stat(chunk_logits(X[start:end], weight, bias), *args_c)
+                ctx.stats[start:end] = stat
             if outs is None:
                 scalar = [r.dim() == 0 for r in res]
                 outs = [torch.zeros((), dtype=_acc_dtype(r), device=r.device) if s else r.new_empty((n, *r.shape[1:]))
@@ -139,7 +152,10 @@ class MemoryEfficientLinear(torch.autograd.Function):
             try:
                 with torch.random.fork_rng(devices=devices, device_type=X.device.type):
                     _restore_rng(X.device, ctx.rng)
-                    _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads, d_args)
+                    if ctx.stats is not None and ctx.opts.fn.covers(live) and not any(arg_needs):
+                        _backward_from_stats(ctx, X, row_args, grad_outs, grads)
+                    else:
+                        _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads, d_args)
             finally:
                 _LIVE_OUTPUTS.reset(token)
         return (None, *grads.result(), *d_args)
@@ -151,16 +167,14 @@ def _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads: Linear
     for start in range(0, n, opts.chunk_size):
         end = min(start + opts.chunk_size, n)
         x_c = X[start:end]
-        args_c = [a[start:end].detach().requires_grad_(True) if need else a[start:end]
-                  for a, need in zip(row_args, arg_needs)]
-        anchor = torch.empty((), device=X.device, requires_grad=True)  # never read: only a graph root
-        dz_box = _GradBox()
-        with torch.enable_grad(), torch.autocast(**ctx.autocast):
-            # z is not a leaf: only the graph of f holds it, so it is freed as soon as f is done with it
-            # (e.g. log_softmax keeps its output, not its input) and dZ arrives in dz_box.grad
-            z = _LogitsKeepingGrad.apply(anchor, x_c, grads.w_gemm, grads.b_gemm, dz_box)
-            res = as_outputs(opts.fn(z, *args_c))
-            del z
+        if ctx.kept is not None:  # the forward's graph, used once (a second backward recomputes)
+            graph, ctx.kept = ctx.kept, None
+        else:
+            with torch.autocast(**ctx.autocast):
+                graph = _ChunkGraph(opts.fn, x_c, grads.w_gemm, grads.b_gemm, [a[start:end] for a in row_args],
+                                    arg_needs)
+        res, anchor, args_c, dz_box = graph.res, graph.anchor, graph.args, graph.dz_box
+        del graph
         outputs, grad_outputs = [], []
         for i in live:
             if res[i].requires_grad:
@@ -178,6 +192,54 @@ def _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads: Linear
         dz, dz_box.grad = dz_box.grad, None
         grads.add_chunk(start, end, x_c, dz)  # dz None: no output that depends on the logits got a gradient
         del dz
+
+
+def _backward_from_stats(ctx, X, row_args, grad_outs, grads: LinearGrads) -> None:
+    """The closed-form path: recompute each chunk's logits (no graph) and let f form dZ from its saved statistic."""
+    n, opts = X.shape[0], ctx.opts
+    for start in range(0, n, opts.chunk_size):
+        end = min(start + opts.chunk_size, n)
+        x_c = X[start:end]
+        with torch.no_grad(), torch.autocast(**ctx.autocast):
+            z = chunk_logits(x_c, grads.w_gemm, grads.b_gemm)
+        grads_c = [None if g is None else g[start:end] for g in grad_outs]
+        dz = opts.fn.logits_grad(z, ctx.stats[start:end], grads_c, *(a[start:end] for a in row_args))
+        del z
+        grads.add_chunk(start, end, x_c, dz)
+        del dz
+
+
+def _fits_in_one_chunk(n, X, weight, bias, row_args, chunk_size, memory_budget) -> bool:
+    """Whether the forward may keep f's graph for the backward instead of recomputing: a gradient will be needed
+    and the planner, with a plain f's buffer count (the graph is a plain f's), gives one chunk for all N rows."""
+    if n == 0 or not torch.is_grad_enabled():
+        return False
+    if not any(t is not None and t.requires_grad for t in (X, weight, bias, *row_args)):
+        return False
+    return plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget) >= n
+
+
+def _has_closed_form(fn) -> bool:
+    return all(hasattr(fn, name) for name in ("forward_with_stat", "covers", "logits_grad"))
+
+
+class _ChunkGraph:
+    """f's graph on one chunk: the logits come out of :class:`_LogitsKeepingGrad` (dZ lands in ``dz_box``), row
+    arguments that need a gradient are fresh leaves, and ``anchor`` is what ``autograd.grad`` differentiates."""
+
+    def __init__(self, fn, x_c, weight, bias, args_c, arg_needs):
+        self.args = [a.detach().requires_grad_(True) if need else a for a, need in zip(args_c, arg_needs)]
+        self.anchor = torch.empty((), device=x_c.device, requires_grad=True)  # never read: only a graph root
+        self.dz_box = _GradBox()
+        with torch.enable_grad():
+            # z is not a leaf: only the graph of f holds it, so it is freed as soon as f is done with it
+            # (e.g. log_softmax keeps its output, not its input) and dZ arrives in dz_box.grad
+            z = _LogitsKeepingGrad.apply(self.anchor, x_c.detach(), weight.detach(), _detached(bias), self.dz_box)
+            self.res = as_outputs(fn(z, *self.args))
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 class _GradBox:
@@ -281,8 +343,12 @@ def chunked_linear(
     X2 = X.reshape(-1, X.shape[-1])
     n = X2.shape[0]
     flat_args = tuple(a.reshape(n, *a.shape[len(lead):]) for a in row_args)
-    chunk = plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget)
-    opts = _Options(fn=fn, chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input))
+    # a closed-form f (grpo_mel.saved_lse) keeps fewer [c, V] buffers, so the same budget gives larger chunks
+    buffers = getattr(fn, "fp32_buffers", LIVE_FP32_BUFFERS)
+    chunk = plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget, buffers)
+    keep = _fits_in_one_chunk(n, X2, weight, bias, flat_args, chunk_size, memory_budget)
+    opts = _Options(fn=fn, chunk_size=max(chunk, n) if keep else chunk, reduction=reduction,
+                    fp32_grad_input=bool(fp32_grad_input), keep_graph=keep)
     outs = MemoryEfficientLinear.apply(opts, X2, weight, bias, *flat_args)
     outs = tuple(o if o.dim() == 0 else o.view(*lead, *o.shape[1:]) for o in outs)
     return outs[0] if len(outs) == 1 else outs

@@ -68,6 +68,7 @@ class _Options:
     reduction: str  # how 0-dim outputs combine over chunks: "mean" | "sum"
     fp32_grad_input: bool  # see chunked_linear
     keep_graph: bool = False  # one chunk: the forward builds f's graph and the backward uses it (no recompute)
+    grad_expected: bool = False  # a backward will follow: a closed-form f keeps the last chunk's logits for it
 
     def scalar_weight(self, rows: int, n: int) -> float:
         """The weight of one chunk's 0-dim output in the total: its share of rows for "mean"."""
@@ -102,7 +103,7 @@ class MemoryEfficientLinear(torch.autograd.Function):
         # an f with a closed-form backward (grpo_mel.saved_lse) saves one float32 statistic per row
         closed_form = _has_closed_form(opts.fn) and not opts.keep_graph
         ctx.stats = torch.empty(n, dtype=torch.float32, device=X.device) if closed_form else None
-        ctx.kept = None
+        ctx.kept = ctx.last_logits = None
         # N == 0: f still runs once, on an empty chunk, for the output shapes
         for start in range(0, max(n, 1), opts.chunk_size):
             end = min(start + opts.chunk_size, n)
@@ -113,8 +114,12 @@ class MemoryEfficientLinear(torch.autograd.Function):
             elif ctx.stats is None:
                 res = as_outputs(opts.fn(chunk_logits(X[start:end], weight, bias), *args_c))
             else:
-                res, stat = opts.fn.forward_with_stat(chunk_logits(X[start:end], weight, bias), *args_c)
+                z = chunk_logits(X[start:end], weight, bias)
+                if opts.grad_expected and end == n:  # the last chunk's logits stay: the backward starts with them
+                    ctx.last_logits, z = z, z.clone()
+                res, stat = opts.fn.forward_with_stat(z, *args_c)
                 ctx.stats[start:end] = stat
+                del z
             if outs is None:
                 scalar = [r.dim() == 0 for r in res]
                 outs = [torch.zeros((), dtype=_acc_dtype(r), device=r.device) if s else r.new_empty((n, *r.shape[1:]))
@@ -197,26 +202,20 @@ def _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads: Linear
 def _backward_from_stats(ctx, X, row_args, grad_outs, grads: LinearGrads) -> None:
     """The closed-form path: recompute each chunk's logits (no graph) and let f form dZ from its saved statistic."""
     n, opts = X.shape[0], ctx.opts
-    for start in range(0, n, opts.chunk_size):
+    starts = list(range(0, n, opts.chunk_size))
+    for start in starts[-1:] + starts[:-1]:  # the last chunk first: its logits may be kept from the forward
         end = min(start + opts.chunk_size, n)
         x_c = X[start:end]
-        with torch.no_grad(), torch.autocast(**ctx.autocast):
-            z = chunk_logits(x_c, grads.w_gemm, grads.b_gemm)
+        if ctx.last_logits is not None:  # used once (f overwrites them); a second backward recomputes
+            z, ctx.last_logits = ctx.last_logits, None
+        else:
+            with torch.no_grad(), torch.autocast(**ctx.autocast):
+                z = chunk_logits(x_c, grads.w_gemm, grads.b_gemm)
         grads_c = [None if g is None else g[start:end] for g in grad_outs]
         dz = opts.fn.logits_grad(z, ctx.stats[start:end], grads_c, *(a[start:end] for a in row_args))
         del z
         grads.add_chunk(start, end, x_c, dz)
         del dz
-
-
-def _fits_in_one_chunk(n, X, weight, bias, row_args, chunk_size, memory_budget) -> bool:
-    """Whether the forward may keep f's graph for the backward instead of recomputing: a gradient will be needed
-    and the planner, with a plain f's buffer count (the graph is a plain f's), gives one chunk for all N rows."""
-    if n == 0 or not torch.is_grad_enabled():
-        return False
-    if not any(t is not None and t.requires_grad for t in (X, weight, bias, *row_args)):
-        return False
-    return plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget) >= n
 
 
 def _has_closed_form(fn) -> bool:
@@ -346,9 +345,12 @@ def chunked_linear(
     # a closed-form f (grpo_mel.saved_lse) keeps fewer [c, V] buffers, so the same budget gives larger chunks
     buffers = getattr(fn, "fp32_buffers", LIVE_FP32_BUFFERS)
     chunk = plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget, buffers)
-    keep = _fits_in_one_chunk(n, X2, weight, bias, flat_args, chunk_size, memory_budget)
+    grad_expected = n > 0 and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (X2, weight, bias, *flat_args))
+    # one chunk holds all N rows under the plain-f plan: keep f's graph from the forward instead of recomputing
+    keep = grad_expected and plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget) >= n
     opts = _Options(fn=fn, chunk_size=max(chunk, n) if keep else chunk, reduction=reduction,
-                    fp32_grad_input=bool(fp32_grad_input), keep_graph=keep)
+                    fp32_grad_input=bool(fp32_grad_input), keep_graph=keep, grad_expected=grad_expected)
     outs = MemoryEfficientLinear.apply(opts, X2, weight, bias, *flat_args)
     outs = tuple(o if o.dim() == 0 else o.view(*lead, *o.shape[1:]) for o in outs)
     return outs[0] if len(outs) == 1 else outs

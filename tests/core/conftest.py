@@ -243,9 +243,9 @@ class ChunkRecorder:
         self.f = f
         self.rows: list[int] = []
 
-    def __call__(self, z, *args):
+    def __call__(self, z, *args, **kwargs):
         self.rows.append(z.shape[0])
-        return self.f(z, *args)
+        return self.f(z, *args, **kwargs)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ The idea is ``torch.utils.checkpoint`` specialised to the LM head:
   scalar that is reduced across chunks). Nothing of size ``V`` outlives the chunk.
 * **backward**: for each chunk, recompute ``z_c`` with autograd on, let autograd differentiate ``f``
   with the upstream gradients as ``grad_outputs``, which yields ``dZ_c = ∂L/∂z_c``. ``z_c`` comes out
-  of a small node (:class:`_LogitsKeepingGrad`) rather than being a leaf, so nothing but ``f``'s own
+  of a small node (``_chunk_graph.LogitsKeepingGrad``) rather than being a leaf, so nothing but ``f``'s own
   graph holds it: an ``f`` that saves only its own intermediates (log-softmax saves its output) lets
   the logits go right after its forward, one ``[c, V]`` buffer fewer at the chunk's peak. The linear
   part then is two GEMMs (the seed's equations):
@@ -17,7 +17,10 @@ The idea is ``torch.utils.checkpoint`` specialised to the LM head:
 dW is returned through autograd (not written to ``.grad`` as a side effect), so tied weights,
 gradient hooks, DDP and gradient accumulation see an ordinary gradient. Work is skipped where it is
 not needed: no dW for a frozen W, no dX for an X that does not require grad, and outputs that
-received no gradient (e.g. an entropy that is only logged) are not differentiated.
+received no gradient (e.g. an entropy that is only logged) are not differentiated. Two shortcuts
+(docs/design.md, "Three paths through the Function"): when one chunk holds all rows, the forward keeps f's
+graph and nothing is recomputed; an f with a closed-form backward (``forward_with_stat``, ``covers``,
+``logits_grad``: :mod:`grpo_mel.saved_lse`, the front doors' own) saves a per-row statistic instead.
 
 Two front doors share one Function: :func:`chunked_linear` ``(X, weight, fn, *row_args, bias=None,
 chunk_size=None, ...)`` where ``fn(z_c, *row_args_c)`` receives the chunk's logits ([c, V], X's dtype) and
@@ -34,6 +37,7 @@ from typing import Callable
 import torch
 
 from ._checks import as_outputs, check_chunk_outputs, validate_inputs
+from ._chunk_graph import ChunkGraph
 from ._linear_grads import LinearGrads, chunk_logits
 from .planning import LIVE_FP32_BUFFERS, plan_chunk_size, validate_chunk_size, validate_memory_budget
 
@@ -49,7 +53,8 @@ def output_needs_grad(index: int) -> bool:
 
     While :class:`MemoryEfficientLinear`'s backward recomputes a chunk, True only for the outputs that
     received an upstream gradient (e.g. False for an entropy that is only logged); elsewhere (the forward,
-    which runs under ``no_grad``, or f called on its own) ``torch.is_grad_enabled()``. An f may compute an
+    or f called on its own) ``torch.is_grad_enabled()``: False in the chunked forward (``no_grad``), True where
+    the forward keeps the graph of a single chunk for the backward. An f may compute an
     output that is not differentiated under ``torch.no_grad()``, so its graph (and the ``[c, V]`` tensors the
     graph would save) is never built. The value must be the same either way: only the graph may differ.
     """
@@ -109,7 +114,7 @@ class MemoryEfficientLinear(torch.autograd.Function):
             end = min(start + opts.chunk_size, n)
             args_c = [a[start:end] for a in row_args]
             if opts.keep_graph:  # one chunk: f's graph is kept for the backward
-                ctx.kept = _ChunkGraph(opts.fn, X, weight, bias, row_args, ctx.needs_input_grad[4:])
+                ctx.kept = ChunkGraph(opts.fn, X, weight, bias, row_args, ctx.needs_input_grad[4:])
                 res = [r.detach() for r in ctx.kept.res]
             elif ctx.stats is None:
                 res = as_outputs(opts.fn(chunk_logits(X[start:end], weight, bias), *args_c))
@@ -160,6 +165,7 @@ class MemoryEfficientLinear(torch.autograd.Function):
                     if ctx.stats is not None and ctx.opts.fn.covers(live) and not any(arg_needs):
                         _backward_from_stats(ctx, X, row_args, grad_outs, grads)
                     else:
+                        ctx.last_logits = None  # not needed: free it before the generic path's buffers
                         _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads, d_args)
             finally:
                 _LIVE_OUTPUTS.reset(token)
@@ -176,7 +182,7 @@ def _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads: Linear
             graph, ctx.kept = ctx.kept, None
         else:
             with torch.autocast(**ctx.autocast):
-                graph = _ChunkGraph(opts.fn, x_c, grads.w_gemm, grads.b_gemm, [a[start:end] for a in row_args],
+                graph = ChunkGraph(opts.fn, x_c, grads.w_gemm, grads.b_gemm, [a[start:end] for a in row_args],
                                     arg_needs)
         res, anchor, args_c, dz_box = graph.res, graph.anchor, graph.args, graph.dz_box
         del graph
@@ -220,50 +226,6 @@ def _backward_from_stats(ctx, X, row_args, grad_outs, grads: LinearGrads) -> Non
 
 def _has_closed_form(fn) -> bool:
     return all(hasattr(fn, name) for name in ("forward_with_stat", "covers", "logits_grad"))
-
-
-class _ChunkGraph:
-    """f's graph on one chunk: the logits come out of :class:`_LogitsKeepingGrad` (dZ lands in ``dz_box``), row
-    arguments that need a gradient are fresh leaves, and ``anchor`` is what ``autograd.grad`` differentiates."""
-
-    def __init__(self, fn, x_c, weight, bias, args_c, arg_needs):
-        self.args = [a.detach().requires_grad_(True) if need else a for a, need in zip(args_c, arg_needs)]
-        self.anchor = torch.empty((), device=x_c.device, requires_grad=True)  # never read: only a graph root
-        self.dz_box = _GradBox()
-        with torch.enable_grad():
-            # z is not a leaf: only the graph of f holds it, so it is freed as soon as f is done with it
-            # (e.g. log_softmax keeps its output, not its input) and dZ arrives in dz_box.grad
-            z = _LogitsKeepingGrad.apply(self.anchor, x_c.detach(), weight.detach(), _detached(bias), self.dz_box)
-            self.res = as_outputs(fn(z, *self.args))
-
-
-def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach()
-
-
-class _GradBox:
-    """Where :class:`_LogitsKeepingGrad` leaves the gradient of the logits (dZ_c) for the backward loop."""
-
-    grad: torch.Tensor | None = None
-
-
-class _LogitsKeepingGrad(torch.autograd.Function):
-    """Recomputes a chunk's logits as a non-leaf and puts their gradient dZ in a :class:`_GradBox`.
-
-    A leaf ``z.requires_grad_()`` would be held by its AccumulateGrad node until the chunk's backward is
-    over; this node holds nothing, so the [c, V] logits live only as long as f's graph needs them. Its
-    input ``anchor`` (a 0-dim leaf that is never read) is what ``autograd.grad`` differentiates towards.
-    """
-
-    @staticmethod
-    def forward(ctx, anchor, x_c, weight, bias, box):
-        ctx.box = box
-        return chunk_logits(x_c, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dz):
-        ctx.box.grad = dz
-        return None, None, None, None, None
 
 
 def _gemm_dtype(X: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:

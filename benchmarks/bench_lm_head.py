@@ -365,6 +365,7 @@ def run_all(args, on_shape: Callable[[list[dict]], None] | None = None) -> list[
                 row["cpu_vs_naive"] = row["cpu_s"] / base["naive"]["cpu_s"]
             print(f"  {var.name:16s} chunk={row['chunk']:14s} peak={row['peak_MiB']:9.1f} MiB "
                   f"({row.get('peak_vs_naive', float('nan')):.3f}x naive)  time={row['time_s']:.3f} s "
+                  f"[{min(t for t, _ in times[var.name]):.3f}-{max(t for t, _ in times[var.name]):.3f}] "
                   f"({row.get('time_vs_naive', float('nan')):.3f}x naive, CPU time "
                   f"{row.get('cpu_vs_naive', float('nan')):.3f}x)  "
                   f"maxdiff out={row.get('diff_out', float('nan')):.2e} dX={row.get('diff_dX', float('nan')):.2e} "

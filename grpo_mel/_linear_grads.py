@@ -25,7 +25,9 @@ class LinearGrads:
                  fp32_grad_input: bool):
         self.weight, self.bias = weight, bias
         self.dX = torch.empty(X.shape, dtype=X.dtype, device=X.device) if need_x else None
-        self.dW = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # the [V, H] float32 accumulator is allocated by the first chunk's dZ, not before it: f's backward (e.g. the
+        # single kept graph of a one-chunk input) then peaks without it, as autograd's own F.linear backward does
+        self.need_w, self.dW = need_w, None
         self.db = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
                    if need_b and bias is not None else None)
         # Under autocast (fp32 weights, bf16 GEMMs) cast W once for every chunk's recompute and dX GEMM, as the
@@ -56,14 +58,18 @@ class LinearGrads:
                     _addmm_fp32(dX[start:end].zero_(), dz, self.w_dx)
             else:  # as autograd of F.linear under autocast: dX in the GEMM's dtype, then cast to X's
                 dX[start:end].copy_(torch.mm(dz, self.w_gemm))
-        if self.dW is not None:
+        if self.need_w:
+            if self.dW is None:
+                self.dW = torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
             _addmm_fp32(self.dW, dz.t(), x_c.to(dz.dtype))
         if self.db is not None:
             self.db.add_(dz.sum(0, dtype=torch.float32))
 
     def result(self) -> tuple:
         """``(dX, dW, db)``, dW and db cast to the dtypes of W and b (a no-op for float32 ones)."""
-        dW = self.dW.to(self.weight.dtype) if self.dW is not None else None
+        if self.need_w and self.dW is None:  # no chunk had a gradient
+            self.dW = torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
+        dW = self.dW.to(self.weight.dtype) if self.need_w else None
         db = self.db.to(self.bias.dtype) if self.db is not None else None
         return self.dX, dW, db
 

@@ -11,7 +11,7 @@ recomputed logits in place: one ``[c, V]`` buffer instead of the log-softmax, th
 dZ, and no second softmax. The GEMM is still recomputed. Cross-entropy is ``-log p`` (its upstream
 gradient enters negated). An entropy output is computed in forward; if it receives a gradient (an entropy
 bonus), the backward takes the generic path for that call (``covers``), so only the log-prob derivative
-is written by hand. ``LabelLogprob`` is also a plain f (``__call__``): the generic path and the direct
+is written by hand. ``LabelLogprob`` is also a plain f (``__call__``): the generic path and the kept-graph
 (one-chunk) path run it as any f. Used by :mod:`grpo_mel.fused` when there is no softcap and no label
 smoothing; tested against the generic path and a full-logits reference (tests/core/test_saved_lse.py).
 """
@@ -35,8 +35,9 @@ class LabelLogprob:
     ignore_index: int | None = None
     negate: bool = False
     with_entropy: bool = False
-    #: float32 [c, V] buffers a chunk keeps (the planner's k): the logits' own buffer, plus the softmax numerator
-    #: in forward with the entropy; with bf16 input also dZ's bf16 rounding and its float32 upcast for dW (CPU)
+    #: float32 [c, V] buffers a chunk keeps (the planner's k): the logits' own buffer, plus one more at worst (the
+    #: softmax numerator in forward with the entropy, the last chunk's logits kept for the backward, or with bf16
+    #: input dZ's bf16 rounding and its float32 upcast for dW on the CPU)
     fp32_buffers = 2
 
     def __call__(self, z: torch.Tensor, labels: torch.Tensor):

@@ -19,8 +19,7 @@ Variants:
 * ``cce``        ``cut_cross_entropy.linear_cross_entropy`` (impl ``cce``, ``filter_eps=None`` for exact
                  gradients; no entropy). Triton: CUDA only.
 * ``grpo_mel@C`` ``grpo_mel.linear_token_logprobs`` / ``linear_cross_entropy`` with ``chunk_size=C``;
-  ``grpo_mel@auto`` with the default memory budget; ``grpo_mel_generic@auto`` the same with ``saved_lse=False``
-  (autograd differentiates f on the recomputed logits, docs/design.md).
+  ``grpo_mel@auto`` with the default memory budget.
 
 ``--csv`` is rewritten after every shape, so a run cut short keeps the shapes it finished.
 
@@ -138,13 +137,12 @@ def _cce(task, X, W, labels):
     return (-linear_cross_entropy(X, W, labels, reduction="none", filter_eps=None),)
 
 
-def _grpo_mel(chunk_size, saved_lse=True):
+def _grpo_mel(chunk_size):
     def fn(task, X, W, labels):
         if task == "ce":
-            return (grpo_mel.linear_cross_entropy(X, W, labels, ignore_index=IGNORE, chunk_size=chunk_size,
-                                                  saved_lse=saved_lse),)
+            return (grpo_mel.linear_cross_entropy(X, W, labels, ignore_index=IGNORE, chunk_size=chunk_size),)
         out = grpo_mel.linear_token_logprobs(X, W, labels, with_entropy=task == "logprobs_entropy",
-                                             chunk_size=chunk_size, saved_lse=saved_lse)
+                                             chunk_size=chunk_size)
         return out if isinstance(out, tuple) else (out,)
     return fn
 
@@ -177,8 +175,6 @@ def build_variants(device: torch.device, chunks) -> list[Variant]:
     for c in chunks:
         vs.append(Variant(f"grpo_mel@{c}", _grpo_mel(c), chunk=str(c)))
     vs.append(Variant("grpo_mel@auto", _grpo_mel(None), chunk="auto"))
-    # the generic path (autograd differentiates f on recomputed logits) beside the saved-log-sum-exp default
-    vs.append(Variant("grpo_mel_generic@auto", _grpo_mel(None, saved_lse=False), chunk="auto"))
     return vs
 
 

@@ -11,30 +11,24 @@ import torch
 
 from .functions import check_labels, cross_entropy, token_logprobs, token_logprobs_and_entropy
 from .linear import chunked_linear
-from .saved_lse import LabelLogprob
 
 __all__ = ["linear_cross_entropy", "linear_token_logprobs"]
 
 
 def linear_cross_entropy(
     X, weight, labels, bias=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-    chunk_size=None, memory_budget=None, saved_lse=True,
+    chunk_size=None, memory_budget=None,
 ):
     """Cross-entropy of ``X·Wᵀ + b`` against ``labels`` without the full logits.
 
     ``reduction="mean"`` divides by the number of non-ignored labels over the whole batch (exact whatever
-    the chunking), ``"sum"`` sums, ``"none"`` returns per-row losses shaped like ``labels``. ``saved_lse``:
-    without label smoothing, the backward forms dZ from a saved log-sum-exp (:mod:`grpo_mel.saved_lse`);
-    False: autograd differentiates :func:`grpo_mel.functions.cross_entropy` on the recomputed logits.
+    the chunking), ``"sum"`` sums, ``"none"`` returns per-row losses shaped like ``labels``.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     _check_row_labels(X, labels)
     check_labels(labels, weight.shape[0], ignore_index)
-    if saved_lse and label_smoothing == 0.0:
-        fn = LabelLogprob(ignore_index=ignore_index, negate=True)
-    else:
-        fn = functools.partial(cross_entropy, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    fn = functools.partial(cross_entropy, ignore_index=ignore_index, label_smoothing=label_smoothing)
     per_row = chunked_linear(X, weight, fn, labels, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget)
     if reduction == "none":
         return per_row
@@ -46,21 +40,16 @@ def linear_cross_entropy(
 
 def linear_token_logprobs(
     X, weight, labels, bias=None, temperature=1.0, softcap=None, logit_scale=1.0, ignore_index=None,
-    with_entropy=False, chunk_size=None, memory_budget=None, saved_lse=True,
+    with_entropy=False, chunk_size=None, memory_budget=None,
 ):
     """Per-token log-probs (and entropies if ``with_entropy``) of ``labels`` under ``softmax((X·Wᵀ+b)/T)``.
 
-    Returns a tensor shaped like ``labels`` (or a pair of them), float32. ``saved_lse``: without softcap, the
-    backward forms dZ from a saved log-sum-exp (:mod:`grpo_mel.saved_lse`; an entropy that gets a gradient
-    takes the generic path); False: autograd differentiates :mod:`grpo_mel.functions` on the recomputed logits.
+    Returns a tensor shaped like ``labels`` (or a pair of them), float32.
     """
     _check_row_labels(X, labels)
     check_labels(labels, weight.shape[0], ignore_index)
-    if saved_lse and softcap is None:
-        fn = LabelLogprob(temperature, logit_scale, ignore_index, with_entropy=with_entropy)
-    else:
-        kw = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index)
-        fn = functools.partial(token_logprobs_and_entropy if with_entropy else token_logprobs, **kw)
+    kw = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index)
+    fn = functools.partial(token_logprobs_and_entropy if with_entropy else token_logprobs, **kw)
     return chunked_linear(X, weight, fn, labels, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget)
 
 

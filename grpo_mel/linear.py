@@ -17,10 +17,9 @@ The idea is ``torch.utils.checkpoint`` specialised to the LM head:
 dW is returned through autograd (not written to ``.grad`` as a side effect), so tied weights,
 gradient hooks, DDP and gradient accumulation see an ordinary gradient. Work is skipped where it is
 not needed: no dW for a frozen W, no dX for an X that does not require grad, and outputs that
-received no gradient (e.g. an entropy that is only logged) are not differentiated. Two shortcuts
-(docs/design.md, "Three paths through the Function"): when one chunk holds all rows, the forward keeps f's
-graph and nothing is recomputed; an f with a closed-form backward (``forward_with_stat``, ``covers``,
-``logits_grad``: :mod:`grpo_mel.saved_lse`, the front doors' own) saves a per-row statistic instead.
+received no gradient (e.g. an entropy that is only logged) are not differentiated. When one chunk holds
+all rows, the forward keeps f's graph and nothing is recomputed (docs/design.md, "Two paths through the
+Function").
 
 Two front doors share one Function: :func:`chunked_linear` ``(X, weight, fn, *row_args, bias=None,
 chunk_size=None, ...)`` where ``fn(z_c, *row_args_c)`` receives the chunk's logits ([c, V], X's dtype) and
@@ -39,7 +38,7 @@ import torch
 from ._checks import as_outputs, check_chunk_outputs, validate_inputs
 from ._chunk_graph import ChunkGraph
 from ._linear_grads import LinearGrads, chunk_logits
-from .planning import LIVE_FP32_BUFFERS, plan_chunk_size, validate_chunk_size, validate_memory_budget
+from .planning import plan_chunk_size, validate_chunk_size, validate_memory_budget
 
 __all__ = ["MemoryEfficientLinear", "chunked_linear", "output_needs_grad"]
 
@@ -73,7 +72,6 @@ class _Options:
     reduction: str  # how 0-dim outputs combine over chunks: "mean" | "sum"
     fp32_grad_input: bool  # see chunked_linear
     keep_graph: bool = False  # one chunk: the forward builds f's graph and the backward uses it (no recompute)
-    grad_expected: bool = False  # a backward will follow: a closed-form f keeps the last chunk's logits for it
 
     def scalar_weight(self, rows: int, n: int) -> float:
         """The weight of one chunk's 0-dim output in the total: its share of rows for "mean"."""
@@ -105,10 +103,7 @@ class MemoryEfficientLinear(torch.autograd.Function):
         ctx.autocast = _autocast_state(X.device)
         outs: list[torch.Tensor] | None = None
         scalar: list[bool] = []
-        # an f with a closed-form backward (grpo_mel.saved_lse) saves one float32 statistic per row
-        closed_form = _has_closed_form(opts.fn) and not opts.keep_graph
-        ctx.stats = torch.empty(n, dtype=torch.float32, device=X.device) if closed_form else None
-        ctx.kept = ctx.last_logits = None
+        ctx.kept = None
         # N == 0: f still runs once, on an empty chunk, for the output shapes
         for start in range(0, max(n, 1), opts.chunk_size):
             end = min(start + opts.chunk_size, n)
@@ -116,15 +111,8 @@ class MemoryEfficientLinear(torch.autograd.Function):
             if opts.keep_graph:  # one chunk: f's graph is kept for the backward
                 ctx.kept = ChunkGraph(opts.fn, X, weight, bias, row_args, ctx.needs_input_grad[4:])
                 res = [r.detach() for r in ctx.kept.res]
-            elif ctx.stats is None:
-                res = as_outputs(opts.fn(chunk_logits(X[start:end], weight, bias), *args_c))
             else:
-                z = chunk_logits(X[start:end], weight, bias)
-                if opts.grad_expected and end == n:  # the last chunk's logits stay: the backward starts with them
-                    ctx.last_logits, z = z, z.clone()
-                res, stat = opts.fn.forward_with_stat(z, *args_c)
-                ctx.stats[start:end] = stat
-                del z
+                res = as_outputs(opts.fn(chunk_logits(X[start:end], weight, bias), *args_c))
             if outs is None:
                 scalar = [r.dim() == 0 for r in res]
                 outs = [torch.zeros((), dtype=_acc_dtype(r), device=r.device) if s else r.new_empty((n, *r.shape[1:]))
@@ -162,11 +150,7 @@ class MemoryEfficientLinear(torch.autograd.Function):
             try:
                 with torch.random.fork_rng(devices=devices, device_type=X.device.type):
                     _restore_rng(X.device, ctx.rng)
-                    if ctx.stats is not None and ctx.opts.fn.covers(live) and not any(arg_needs):
-                        _backward_from_stats(ctx, X, row_args, grad_outs, grads)
-                    else:
-                        ctx.last_logits = None  # not needed: free it before the generic path's buffers
-                        _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads, d_args)
+                    _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads, d_args)
             finally:
                 _LIVE_OUTPUTS.reset(token)
         return (None, *grads.result(), *d_args)
@@ -203,29 +187,6 @@ def _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads: Linear
         dz, dz_box.grad = dz_box.grad, None
         grads.add_chunk(start, end, x_c, dz)  # dz None: no output that depends on the logits got a gradient
         del dz
-
-
-def _backward_from_stats(ctx, X, row_args, grad_outs, grads: LinearGrads) -> None:
-    """The closed-form path: recompute each chunk's logits (no graph) and let f form dZ from its saved statistic."""
-    n, opts = X.shape[0], ctx.opts
-    starts = list(range(0, n, opts.chunk_size))
-    for start in starts[-1:] + starts[:-1]:  # the last chunk first: its logits may be kept from the forward
-        end = min(start + opts.chunk_size, n)
-        x_c = X[start:end]
-        if ctx.last_logits is not None:  # used once (f overwrites them); a second backward recomputes
-            z, ctx.last_logits = ctx.last_logits, None
-        else:
-            with torch.no_grad(), torch.autocast(**ctx.autocast):
-                z = chunk_logits(x_c, grads.w_gemm, grads.b_gemm)
-        grads_c = [None if g is None else g[start:end] for g in grad_outs]
-        dz = opts.fn.logits_grad(z, ctx.stats[start:end], grads_c, *(a[start:end] for a in row_args))
-        del z
-        grads.add_chunk(start, end, x_c, dz)
-        del dz
-
-
-def _has_closed_form(fn) -> bool:
-    return all(hasattr(fn, name) for name in ("forward_with_stat", "covers", "logits_grad"))
 
 
 def _gemm_dtype(X: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
@@ -304,15 +265,13 @@ def chunked_linear(
     X2 = X.reshape(-1, X.shape[-1])
     n = X2.shape[0]
     flat_args = tuple(a.reshape(n, *a.shape[len(lead):]) for a in row_args)
-    # a closed-form f (grpo_mel.saved_lse) keeps fewer [c, V] buffers, so the same budget gives larger chunks
-    buffers = getattr(fn, "fp32_buffers", LIVE_FP32_BUFFERS)
-    chunk = plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget, buffers)
+    chunk = plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget)
     grad_expected = n > 0 and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (X2, weight, bias, *flat_args))
-    # one chunk holds all N rows under the plain-f plan: keep f's graph from the forward instead of recomputing
-    keep = grad_expected and plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget) >= n
-    opts = _Options(fn=fn, chunk_size=max(chunk, n) if keep else chunk, reduction=reduction,
-                    fp32_grad_input=bool(fp32_grad_input), keep_graph=keep, grad_expected=grad_expected)
+    # one chunk holds all N rows: keep f's graph from the forward instead of recomputing it in the backward
+    keep = grad_expected and chunk >= n
+    opts = _Options(fn=fn, chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input),
+                    keep_graph=keep)
     outs = MemoryEfficientLinear.apply(opts, X2, weight, bias, *flat_args)
     outs = tuple(o if o.dim() == 0 else o.view(*lead, *o.shape[1:]) for o in outs)
     return outs[0] if len(outs) == 1 else outs

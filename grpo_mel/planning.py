@@ -69,10 +69,10 @@ def default_memory_budget(device: torch.device) -> int:
     return DEFAULT_CPU_BUDGET_BYTES
 
 
-def bytes_per_row(vocab_size: int, dtype: torch.dtype, fp32_buffers: int = LIVE_FP32_BUFFERS) -> int:
-    """Modelled bytes one row of the chunk costs: the logits in ``dtype`` plus ``fp32_buffers`` float32 buffers."""
+def bytes_per_row(vocab_size: int, dtype: torch.dtype) -> int:
+    """Modelled bytes one row of the chunk costs: the logits in ``dtype`` plus the fp32 buffers."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return vocab_size * (itemsize + fp32_buffers * 4)
+    return vocab_size * (itemsize + LIVE_FP32_BUFFERS * 4)
 
 
 def plan_chunk_size(
@@ -82,7 +82,6 @@ def plan_chunk_size(
     device: torch.device | str = "cpu",
     chunk_size: int | None = None,
     memory_budget: float | None = None,
-    fp32_buffers: int = LIVE_FP32_BUFFERS,
 ) -> int:
     """Rows per chunk.
 
@@ -94,8 +93,6 @@ def plan_chunk_size(
         chunk_size: a fixed row count (>= 1); wins over ``memory_budget``. May exceed ``n_rows``.
         memory_budget: bytes the per-chunk working set may use; None picks
             :func:`default_memory_budget`.
-        fp32_buffers: float32 ``[rows, V]`` buffers the transformation function keeps alive at once
-            (:data:`LIVE_FP32_BUFFERS` for a plain f; fewer for the saved-log-sum-exp path).
 
     Returns:
         An int in ``[1, max(n_rows, 1)]``.
@@ -107,5 +104,5 @@ def plan_chunk_size(
         return min(int(chunk_size), upper)
     if memory_budget is None:
         memory_budget = default_memory_budget(torch.device(device))
-    rows = int(memory_budget // max(bytes_per_row(vocab_size, dtype, fp32_buffers), 1))
+    rows = int(memory_budget // max(bytes_per_row(vocab_size, dtype), 1))
     return max(1, min(rows, upper))

@@ -108,8 +108,7 @@ def test_backward_frees_the_recomputed_logits(chunk_size, dtype):
     X = torch.randn(N, H, dtype=dtype, requires_grad=True)
     W = (torch.randn(V, H) / 8).to(dtype).requires_grad_(True)
     labels = torch.randint(0, V, (N,))
-    _, peak = peak_memory(lambda: _ours_logprobs_grads(X, W, labels, chunk_size=chunk_size, saved_lse=False),
-                          device="cpu")
+    _, peak = peak_memory(lambda: _ours_logprobs_grads(X, W, labels, chunk_size=chunk_size), device="cpu")
     fixed = V * H * 4 + N * H * X.element_size()  # float32 dW accumulator + dX
     buffers = (peak - fixed) / (chunk_size * V * 4)
     assert 2.9 <= buffers <= 3.1, f"{buffers:.2f} [c, V] fp32 buffers at the peak ({peak / 2**20:.1f} MiB)"
@@ -135,26 +134,7 @@ def test_logged_entropy_costs_no_extra_buffer():
     assert 2.9 <= buffers <= 3.1, f"{buffers:.2f} [c, V] fp32 buffers at the peak ({peak / 2**20:.1f} MiB)"
 
 
-@pytest.mark.parametrize("dtype,expected", [(torch.float32, 1.0), (torch.bfloat16, 2.5)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("chunk_size", [64, 200])
-def test_saved_lse_backward_keeps_one_buffer(chunk_size, dtype, expected):
-    """The saved-log-sum-exp path (grpo_mel.saved_lse, the front doors' default) forms dZ in the recomputed logits'
-    own buffer: 1 float32 [c, V] buffer at the chunk's peak in fp32 (the generic path: 3, above). With bf16 input,
-    2.5: the float32 dZ, its bf16 rounding (the GEMMs' operand, as in the naive bf16 backward) and the float32
-    upcast of it that the CPU's dW accumulation reads."""
-    torch.manual_seed(0)
-    N, H = 512, 64
-    X = torch.randn(N, H, dtype=dtype, requires_grad=True)
-    W = (torch.randn(V, H) / 8).to(dtype).requires_grad_(True)
-    labels = torch.randint(0, V, (N,))
-    _, peak = peak_memory(lambda: _ours_logprobs_grads(X, W, labels, chunk_size=chunk_size), device="cpu")
-    fixed = V * H * 4 + N * H * X.element_size()  # float32 dW accumulator + dX
-    buffers = (peak - fixed) / (chunk_size * V * 4)
-    assert expected - 0.1 <= buffers <= expected + 0.1, f"{buffers:.2f} [c, V] fp32 buffers ({peak / 2**20:.1f} MiB)"
-
-
-@pytest.mark.parametrize("saved_lse", [True, False], ids=["front_door", "generic"])
-def test_one_chunk_kept_graph_peaks_no_higher_than_naive(saved_lse):
+def test_one_chunk_kept_graph_peaks_no_higher_than_naive():
     """All rows in one chunk (the default budget holds them): the forward keeps f's graph, nothing is recomputed, and
     the peak is naive's (the float32 dW accumulator is allocated only once dZ exists, as autograd's own F.linear
     backward allocates dW; allocated up front it would add V·H·4 bytes, 17 % here). The naive path here frees its
@@ -170,8 +150,7 @@ def test_one_chunk_kept_graph_peaks_no_higher_than_naive(saved_lse):
         return torch.autograd.grad(lp.sum(), [X, W])
 
     (gx_n, gw_n), naive_peak = peak_memory(naive, device="cpu")
-    (gx_o, gw_o), ours_peak = peak_memory(lambda: _ours_logprobs_grads(X, W, labels, saved_lse=saved_lse),
-                                          device="cpu")
+    (gx_o, gw_o), ours_peak = peak_memory(lambda: _ours_logprobs_grads(X, W, labels), device="cpu")
     assert naive_peak >= 3 * N * V * 4
     assert ours_peak <= 1.02 * naive_peak, f"ours {ours_peak / 2**20:.1f} MiB vs naive {naive_peak / 2**20:.1f} MiB"
     torch.testing.assert_close(gx_o, gx_n, rtol=1e-4, atol=1e-6)

@@ -218,6 +218,29 @@ def test_chunk_sizes_seen_by_f(chunk_size, expected):
     assert rec.rows == expected
 
 
+def test_kept_graph_matches_recompute_and_survives_a_second_backward():
+    """One chunk for all rows (the forward keeps f's graph) gives what several recomputed chunks give; the kept graph
+    is used once, so a second backward through the same output recomputes and gets the same gradient."""
+    lead = (3, 7)
+    X, W, b, labels = make_inputs(lead, H, V, bias=True)
+    w = random_weights(lead, seed=7)
+    f = functools.partial(G.token_logprobs_and_entropy, temperature=0.8)
+    outs, got = {}, {}
+    for chunk in (21, 4):
+        Xs, Ws, bs = leaf_clone(X), leaf_clone(W), leaf_clone(b)
+        lp, ent = chunked_linear(Xs, Ws, f, labels, bias=bs, chunk_size=chunk)
+        got[chunk] = grads((lp * w).sum() + ent.sum(), [Xs, Ws, bs])
+        outs[chunk] = (lp, ent)
+    for a, r in zip(outs[21] + tuple(got[21]), outs[4] + tuple(got[4])):
+        assert_close_fp32(a, r)
+    Xs = leaf_clone(X)
+    lp, _ = chunked_linear(Xs, W, f, labels, bias=b, chunk_size=21)
+    (lp * w).sum().backward(retain_graph=True)
+    first = Xs.grad.clone()
+    (lp * w).sum().backward()
+    assert_close_fp32(Xs.grad, 2 * first)
+
+
 # --------------------------------------------------------------------------------------------------
 # which inputs require grad
 # --------------------------------------------------------------------------------------------------

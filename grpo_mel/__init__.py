@@ -2,8 +2,9 @@
 
 Math (no trainer imports): :class:`MemoryEfficientLinear`, :func:`chunked_linear`, the transformation
 functions in :mod:`grpo_mel.functions`, chunk planning in :mod:`grpo_mel.planning`, peak-memory
-measurement in :mod:`grpo_mel.memory`. Integrations (imported lazily, they pull in TRL/transformers):
-:func:`patch_grpo` / :func:`unpatch_grpo` and friends in :mod:`grpo_mel.integrations`.
+measurement in :mod:`grpo_mel.memory`; these need torch alone. Integrations (imported lazily, they need the
+``trl`` extra: ``pip install 'grpo_mel[trl]'``): :func:`patch_grpo` / :func:`unpatch_grpo` and friends in
+:mod:`grpo_mel.integrations`.
 """
 
 from .functions import (
@@ -33,11 +34,21 @@ _LAZY = {
 }
 
 
+_TRL_EXTRA = ("trl", "transformers", "peft", "accelerate", "datasets")
+
+
 def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in _TRL_EXTRA:
+                raise
+            raise ModuleNotFoundError(f"grpo_mel.{name} needs {e.name}, which the core does not install: "
+                                      "pip install 'grpo_mel[trl]'", name=e.name) from e
+        return getattr(module, name)
     raise AttributeError(f"module 'grpo_mel' has no attribute {name!r}")
 
 

@@ -9,11 +9,12 @@ import inspect
 import pytest
 import torch
 
-from conftest import has_bnb_cpu
-
 import grpo_mel
+from grpo_mel.integrations import causal_lm
 from grpo_mel.integrations.causal_lm import causal_lm_loss, is_causal_lm_patched, unpatch_causal_lm
 from grpo_mel.testing import tiny_gemma2, tiny_llama
+
+from .conftest import count_calls
 
 V = 301  # not a multiple of anything
 
@@ -146,14 +147,13 @@ def test_under_trl_fused_head_wrapper():
     batch = _batch()
     ref = model(**batch).loss
     grpo_mel.patch_causal_lm(model, chunk_size=4)
-    state = model.__dict__["_grpo_mel_causal_lm"]
     trl_utils.add_fused_lm_head(model)
-    calls = state.calls
-    out = model(**batch)
-    assert state.calls == calls + 1 and out.logits is None
-    torch.testing.assert_close(out.loss, ref)
-    fused = model(**batch, fused_lm_head=True)  # TRL's own path still works
-    assert state.calls == calls + 1 and fused.log_probs is not None
+    with count_calls(causal_lm, "causal_lm_loss") as chunked:
+        out = model(**batch)
+        assert chunked["n"] == 1 and out.logits is None
+        torch.testing.assert_close(out.loss, ref)
+        fused = model(**batch, fused_lm_head=True)  # TRL's own path still works
+        assert chunked["n"] == 1 and fused.log_probs is not None
     unpatch_causal_lm(model)  # wrapped by TRL: deactivated, TRL's wrapper kept
     assert not is_causal_lm_patched(model)
     assert model(**batch).logits is not None
@@ -184,8 +184,8 @@ def test_lora_wrapped_model():
     assert "forward" not in model.get_base_model().__dict__
 
 
-@pytest.mark.skipif(not has_bnb_cpu(), reason="bitsandbytes not installed")
 def test_qlora_4bit_model(tmp_path):
+    pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

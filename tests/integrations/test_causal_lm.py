@@ -192,7 +192,10 @@ def test_qlora_4bit_model(tmp_path):
     tiny_llama(vocab_size=V, tie_word_embeddings=False).save_pretrained(tmp_path)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map={"": "cpu"})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map={"": "cpu"})
+    except RuntimeError as e:  # transformers < 4.52 (TRL 0.16.1's pin) refuses bitsandbytes 4-bit on the CPU
+        pytest.skip(f"4-bit loading unavailable on this CPU stack: {str(e)[:120]}")
     assert type(model.lm_head) is torch.nn.Linear
     assert "4bit" in type(model.model.layers[0].self_attn.q_proj).__name__
     cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",

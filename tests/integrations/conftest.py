@@ -52,9 +52,10 @@ def dataset(n: int = 8, seed: int = 0):
     return Dataset.from_list(task.arithmetic_prompts(n, seed=seed))
 
 
-def grpo_config(tmp_path, **overrides):
-    """A small, CPU, fp32 GRPOConfig; keys the installed TRL does not know are dropped (or must be defaults)."""
-    config_cls = trl.GRPOConfig
+def grpo_config(tmp_path, trainer: str = "grpo", **overrides):
+    """A small, CPU, fp32 GRPOConfig (``trainer="rloo"``: RLOOConfig); keys the installed TRL does not know are
+    dropped (or must be defaults)."""
+    config_cls = getattr(trl, f"{trainer.upper()}Config")
     kw = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -104,15 +105,16 @@ def make_model(kind: str = "llama", tied: bool = False, vocab_size: int = 1024, 
     raise ValueError(kind)
 
 
-def make_trainer(tmp_path, model=None, peft_config=None, n_prompts: int = 8, **cfg):
-    trainer_cls = trl.GRPOTrainer
+def make_trainer(tmp_path, model=None, peft_config=None, n_prompts: int = 8, trainer: str = "grpo", **cfg):
+    """A GRPOTrainer (``trainer="rloo"``: an RLOOTrainer) on a tiny model, the local task and its reward."""
+    trainer_cls = getattr(trl, f"{trainer.upper()}Trainer")
     if model is None:
         model = make_model()
     if not isinstance(model, str) and peft_config is None:  # TRL builds the reference from the path: hand it one
         path = os.path.join(str(tmp_path), "model")
         model.save_pretrained(path)
         model = path
-    args = grpo_config(tmp_path, **cfg)
+    args = grpo_config(tmp_path, trainer, **cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trainer_cls(

@@ -130,9 +130,9 @@ def run_example(name: str, path: str, argv: list[str]) -> None:
         box["n"] += 1
         return real_fn(*a, **k)
 
-    def run_once(src, args, patched, *rest):
+    def run_once(src, args, patched, *rest, **kwargs):
         start = box["n"]
-        res = real_run(src, args, patched, *rest)
+        res = real_run(src, args, patched, *rest, **kwargs)
         calls[res.label] = box["n"] - start
         return res
 

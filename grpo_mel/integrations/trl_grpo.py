@@ -27,7 +27,7 @@ import inspect
 import logging
 import threading
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import trl  # noqa: F401 - the `trl` extra (grpo_mel.__init__ names it when missing)
@@ -351,9 +351,11 @@ def _output_hooks(module) -> list[str]:
     return names
 
 
-try:  # TRL >= 0.18 (here: 0.19.1, 1.14.2, 1.16.0)
+_MISSING = object()
+
+try:  # TRL's own (in the 0.19.1, 1.14.2 and 1.16.0 pins)
     from trl.models.utils import _ForwardRedirection as _TRLForwardRedirection
-except ImportError:  # TRL 0.16 - 0.17: the same rerouting, written here
+except ImportError:  # a TRL without it (the 0.16.1 pin): the same rerouting, written here
     _TRLForwardRedirection = None
 
 
@@ -381,9 +383,6 @@ def _redirect(wrapper, inner, method: Callable, *args, **kwargs):
         return wrapper(*args, **kwargs)
     finally:
         restore()
-
-
-_MISSING = object()
 
 
 def _compute(trainer, call: dict, target: _Target, flavour: TRLFlavour, options: Options):

@@ -132,7 +132,9 @@ class ModelSource:
     _fingerprint: Any = None
 
     def prepare(self) -> "ModelSource":
-        from grpo_mel.testing import tiny_llama, tiny_tokenizer
+        from arithmetic_task import tiny_tokenizer
+
+        from grpo_mel.testing import tiny_llama
 
         t0 = time.perf_counter()
         if self.name in (TINY, LLAMA_1B_RANDOM):

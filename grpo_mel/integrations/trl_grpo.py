@@ -21,32 +21,27 @@ with a one-time warning.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
 import threading
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import torch
+import trl  # noqa: F401 - the `trl` extra (grpo_mel.__init__ names it when missing)
 
 from ..functions import token_logprobs, token_logprobs_and_entropy
 from ..linear import chunked_linear
 from ..planning import validate_chunk_size, validate_memory_budget
-from ._heads import logit_transform
+from ._model import head_module, is_peft, logit_transform, unwrap_peft
 from ._trl_compat import TRLFlavour, UnsupportedTRLVersion, detect
 
-__all__ = ["patch_grpo", "unpatch_grpo", "grpo_patched", "is_patched", "UnsupportedTRLVersion"]
+__all__ = ["patch_grpo", "unpatch_grpo", "grpo_patched", "is_patched", "Options", "UnsupportedTRLVersion"]
 
 _LOCK = threading.RLock()
-_STATE: dict[str, Any] = {
-    "cls": None,  # the patched class
-    "name": None,  # the patched attribute
-    "original": None,  # the exact original function object (from the class __dict__)
-    "had_own": False,  # whether the attribute was in the class's own __dict__
-    "flavour": None,
-    "options": {},
-}
+_PATCHED: dict[str, type] = {}  # "grpo" / "rloo" -> the class that carries the replacement (its record says the rest)
 _WARNED: set[str] = set()
 _LOG = logging.getLogger("grpo_mel")
 
@@ -54,6 +49,30 @@ _MM_KWARGS = (
     "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
     "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids", "pixel_position_ids",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The patch's options (see :func:`patch_grpo`), validated once and frozen into the installed replacement."""
+
+    chunk_size: int | None = None
+    memory_budget: float | None = None
+    override_fused_head: bool | None = None
+
+    def __post_init__(self):
+        validate_chunk_size(self.chunk_size)
+        validate_memory_budget(self.memory_budget)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Record:
+    """What an installed replacement replaced; it rides on the replacement (``replacement._grpo_mel``)."""
+
+    kind: str  # "grpo" / "rloo"
+    name: str  # the patched attribute
+    original: Callable  # the exact original function object (from the class __dict__, or inherited)
+    had_own: bool  # whether the attribute was in the class's own __dict__
+    options: Options
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,66 +102,91 @@ def patch_grpo(
     :mod:`grpo_mel.integrations._trl_compat` (> 1.16.0), or whose method does not match it, one warning names the
     reason and TRL's own method keeps computing the log-probs.
     """
-    validate_chunk_size(chunk_size)
-    validate_memory_budget(memory_budget)
-    with _LOCK:
-        if trainer_cls is None:
-            from trl import GRPOTrainer as trainer_cls  # noqa: N813
-        flavour = detect(trainer_cls)
-        options = dict(chunk_size=chunk_size, memory_budget=memory_budget, override_fused_head=override_fused_head)
-        if _STATE["cls"] is not None:
-            if _STATE["cls"] is trainer_cls:
-                _STATE["options"] = options
-                return
-            unpatch_grpo()
-        name = flavour.method_name
-        had_own = name in vars(trainer_cls)
-        original = vars(trainer_cls)[name] if had_own else getattr(trainer_cls, name)
-        replacement = _make_replacement(original, flavour)
-        setattr(trainer_cls, name, replacement)
-        _STATE.update(cls=trainer_cls, name=name, original=original, had_own=had_own, flavour=flavour,
-                      options=options)
+    options = Options(chunk_size, memory_budget, override_fused_head)
+    if trainer_cls is None:
+        from trl import GRPOTrainer as trainer_cls  # noqa: N813
+    install("grpo", trainer_cls, detect(trainer_cls), options)
 
 
 def unpatch_grpo() -> None:
     """Undo :func:`patch_grpo`: the class gets back the exact original function object. No-op if not patched."""
-    with _LOCK:
-        cls = _STATE["cls"]
-        if cls is None:
-            return
-        if _STATE["had_own"]:
-            setattr(cls, _STATE["name"], _STATE["original"])
-        else:
-            delattr(cls, _STATE["name"])
-        _STATE.update(cls=None, name=None, original=None, had_own=False, flavour=None, options={})
+    uninstall("grpo")
 
 
-def is_patched() -> bool:
-    return _STATE["cls"] is not None
+def is_patched(kind: str = "grpo") -> bool:
+    return kind in _PATCHED
 
 
 @contextlib.contextmanager
 def grpo_patched(chunk_size: int | None = None, memory_budget: float | None = None,
                  override_fused_head: bool | None = None, trainer_cls=None):
     """``with grpo_patched(chunk_size=...):`` patch for the block; restores the previous state on exit."""
-    with _LOCK:
-        was = is_patched()
-        prev_opts = dict(_STATE["options"])
-        prev_cls = _STATE["cls"]
+    with patched_block("grpo"):
         patch_grpo(chunk_size=chunk_size, memory_budget=memory_budget, override_fused_head=override_fused_head,
                    trainer_cls=trainer_cls)
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# installing a replacement (shared by every trainer patch: GRPO here, RLOO in trl_rloo)
+# --------------------------------------------------------------------------------------------------
+
+def record(kind: str) -> _Record | None:
+    """The record of the replacement installed for ``kind`` (``"grpo"``, ``"rloo"``), or None."""
+    cls = _PATCHED.get(kind)
+    if cls is None:
+        return None
+    records = (getattr(v, "_grpo_mel", None) for v in vars(cls).values())
+    return next((r for r in records if getattr(r, "kind", None) == kind), None)
+
+
+def install(kind: str, trainer_cls, flavour: TRLFlavour, options: Options) -> None:
+    """Install the chunked-head replacement of ``trainer_cls``'s log-prob method (``flavour`` describes it) with
+    ``options`` frozen in it. A class already patched for ``kind`` gets a new replacement over the same original."""
+    with _LOCK:
+        if _PATCHED.get(kind) not in (None, trainer_cls):
+            uninstall(kind)
+        rec = record(kind)
+        if rec is not None and rec.options == options:
+            return
+        if rec is None:
+            name = flavour.method_name
+            had_own = name in vars(trainer_cls)
+            rec = _Record(kind, name, vars(trainer_cls)[name] if had_own else getattr(trainer_cls, name), had_own,
+                          options)
+        replacement = _make_replacement(rec.original, flavour, options)
+        replacement._grpo_mel = dataclasses.replace(rec, options=options)
+        setattr(trainer_cls, rec.name, replacement)
+        _PATCHED[kind] = trainer_cls
+
+
+def uninstall(kind: str) -> None:
+    """Give the class patched for ``kind`` back the exact original function object. No-op if not patched."""
+    with _LOCK:
+        rec = record(kind)
+        cls = _PATCHED.pop(kind, None)
+        if rec is None:
+            return
+        if rec.had_own:
+            setattr(cls, rec.name, rec.original)
+        else:
+            delattr(cls, rec.name)
+
+
+@contextlib.contextmanager
+def patched_block(kind: str):
+    """On leaving the block, put ``kind``'s patch back as it was on entering it (the same replacement object)."""
+    with _LOCK:
+        cls, rec = _PATCHED.get(kind), record(kind)
+        replacement = None if cls is None else vars(cls)[rec.name]
     try:
         yield
     finally:
         with _LOCK:
-            if not was:
-                unpatch_grpo()
-            else:
-                if _STATE["cls"] is not prev_cls:
-                    unpatch_grpo()
-                    patch_grpo(trainer_cls=prev_cls, **prev_opts)
-                else:
-                    _STATE["options"] = prev_opts
+            uninstall(kind)
+            if cls is not None:
+                setattr(cls, rec.name, replacement)
+                _PATCHED[kind] = cls
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,34 +199,32 @@ def _warn_once(key: str, msg: str, stacklevel: int = 3) -> None:
         warnings.warn(f"grpo_mel: {msg}; falling back to TRL's own log-prob method.", stacklevel=stacklevel)
 
 
-def _make_replacement(original: Callable, flavour: TRLFlavour) -> Callable:
+def _make_replacement(original: Callable, flavour: TRLFlavour, options: Options = Options()) -> Callable:
     if flavour.unsettled is not None:  # said once, at patch time (stacklevel: patch_grpo's caller)
-        _warn_once(flavour.unsettled, flavour.unsettled, stacklevel=4)
+        _warn_once(flavour.unsettled, flavour.unsettled, stacklevel=5)
 
     @functools.wraps(original)
     def _grpo_mel_per_token_logps(self, *args, **kwargs):
         if flavour.unsettled is not None:
             return original(self, *args, **kwargs)
         call, reason = _bind(flavour, self, args, kwargs)
+        target = None
         if reason is None:
-            reason = _fallback_reason(self, call["model"], call, flavour)
+            target, reason = _resolve(self, call)
         if reason is not None:
             _warn_once(reason, reason)
             return original(self, *args, **kwargs)
-        if flavour.fused_head and _keep_trl_fused_head(call["input_ids"].device):
+        if flavour.fused_head and _keep_trl_fused_head(call["input_ids"].device, options):
             return original(self, *args, **kwargs)
-        return _compute(self, call["model"], call["input_ids"], call["attention_mask"], call["logits_to_keep"],
-                        call, flavour)
+        return _compute(self, call, target, flavour, options)
 
-    _grpo_mel_per_token_logps._grpo_mel_patched = True
     return _grpo_mel_per_token_logps
 
 
-def _keep_trl_fused_head(device: torch.device) -> bool:
+def _keep_trl_fused_head(device: torch.device, options: Options) -> bool:
     """On TRL >= 1.15, whether this call keeps TRL's own fused LM head (see ``patch_grpo(override_fused_head=)``)."""
-    choice = _STATE["options"].get("override_fused_head")
-    if choice is not None:
-        return not choice
+    if options.override_fused_head is not None:
+        return not options.override_fused_head
     keep = _trl_runs_triton(device)
     key = f"fused-head:{device.type}:{keep}"
     if key not in _WARNED:
@@ -218,7 +260,7 @@ def _bind(flavour: TRLFlavour, trainer, args: tuple, kwargs: dict) -> tuple[dict
     """Name the call's arguments as TRL's method does: ``inspect.signature(method).bind``, then (TRL 1.14) bind
     that again to the method its ``*args, **kwargs`` are forwarded to. Returns ``(arguments, None)``, or
     ``(None, why)`` where the call does not bind or carries an argument grpo_mel does not handle."""
-    method = f"GRPOTrainer.{flavour.method_name}"
+    method = f"{type(trainer).__name__}.{flavour.method_name}"
     first, *forwarded = flavour.signatures
     try:
         bound = first.bind(trainer, *args, **kwargs)
@@ -243,59 +285,56 @@ def _bind(flavour: TRLFlavour, trainer, args: tuple, kwargs: dict) -> tuple[dict
     return {"batch_size": None, "compute_entropy": False, "compute_aux_loss": False, **bound.arguments}, None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """The model of one call, resolved once: what the trainer passed, its engine-free module, the causal LM
+    (under any PEFT wrapper), that LM's backbone and its LM head module (as the engine left it)."""
+
+    model: torch.nn.Module
+    unwrapped: torch.nn.Module
+    lm: torch.nn.Module
+    backbone: torch.nn.Module
+    head: torch.nn.Module
+
+
 def _unwrap(trainer, model):
     acc = getattr(trainer, "accelerator", None)
-    if acc is not None:
-        try:
-            return acc.unwrap_model(model)
-        except Exception:  # pragma: no cover
-            pass
-    return model
+    return model if acc is None else acc.unwrap_model(model)
 
 
-def _is_peft(m) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(m, PeftModel)
-
-
-def _causal_lm(unwrapped):
-    return unwrapped.get_base_model() if _is_peft(unwrapped) else unwrapped
-
-
-def _fallback_reason(trainer, model, call: dict, flavour: TRLFlavour) -> str | None:
+def _resolve(trainer, call: dict) -> tuple[_Target | None, str | None]:
+    """``(target, None)``, or ``(None, why)`` where the chunked head cannot compute this call."""
     if any(call.get(k) is not None for k in _MM_KWARGS):
-        return "vision-language / multimodal inputs (pixel_values etc.) are not handled by the chunked LM head"
+        return None, "vision-language / multimodal inputs (pixel_values etc.) are not handled by the chunked LM head"
+    model = call["model"]
     unwrapped = _unwrap(trainer, model)
-    if _is_peft(unwrapped):
+    if is_peft(unwrapped):
         cfg = getattr(unwrapped, "active_peft_config", None)
         if cfg is not None and getattr(cfg, "is_prompt_learning", False):
-            return "prompt-learning PEFT (virtual tokens) is not handled by the chunked LM head"
-    lm = _causal_lm(unwrapped)
+            return None, "prompt-learning PEFT (virtual tokens) is not handled by the chunked LM head"
+    lm = unwrap_peft(unwrapped)
     config = getattr(lm, "config", None)
     if config is None or not hasattr(lm, "get_output_embeddings"):
-        return f"{type(lm).__name__} is not a transformers causal LM"
+        return None, f"{type(lm).__name__} is not a transformers causal LM"
     if hasattr(config, "get_text_config") and config.get_text_config() is not config:
-        return f"{type(lm).__name__} is a vision-language model"
+        return None, f"{type(lm).__name__} is a vision-language model"
     head = lm.get_output_embeddings()
-    head = _head_inner(head) if head is not None else None
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        return f"{type(lm).__name__} has no plain LM head weight"
-    if type(head).__module__.startswith("peft"):
-        return "the LM head carries a PEFT adapter (e.g. LoRA on lm_head or modules_to_save)"
-    if getattr(head.weight, "quant_state", None) is not None or not head.weight.is_floating_point():
-        return "the LM head weight is quantized"
-    hooks = _output_hooks(head)
+    inner = head_module(head) if head is not None else None
+    if inner is None or not isinstance(getattr(inner, "weight", None), torch.Tensor):
+        return None, f"{type(lm).__name__} has no plain LM head weight"
+    if type(inner).__module__.startswith("peft"):
+        return None, "the LM head carries a PEFT adapter (e.g. LoRA on lm_head or modules_to_save)"
+    if getattr(inner.weight, "quant_state", None) is not None or not inner.weight.is_floating_point():
+        return None, "the LM head weight is quantized"
+    hooks = _output_hooks(inner)
     if hooks:
-        return (f"the LM head has forward hook(s) {', '.join(hooks)} that expect its logits (the chunked head returns "
-                "per-token log-probs and never forms them)")
+        return None, (f"the LM head has forward hook(s) {', '.join(hooks)} that expect its logits (the chunked head "
+                      "returns per-token log-probs and never forms them)")
     prefix = getattr(lm, "base_model_prefix", "")
     backbone = getattr(lm, prefix, None) if prefix else None
     if backbone is None or backbone is lm:
-        return f"{type(lm).__name__} exposes no backbone (base_model_prefix={prefix!r})"
-    return None
+        return None, f"{type(lm).__name__} exposes no backbone (base_model_prefix={prefix!r})"
+    return _Target(model, unwrapped, lm, backbone, head), None
 
 
 _ENGINE_HOOK_MODULES = ("torch.distributed", "deepspeed", "accelerate")
@@ -312,36 +351,46 @@ def _output_hooks(module) -> list[str]:
     return names
 
 
+_MISSING = object()
+
+try:  # TRL's own (in the 0.19.1, 1.14.2 and 1.16.0 pins)
+    from trl.models.utils import _ForwardRedirection as _TRLForwardRedirection
+except ImportError:  # a TRL without it (the 0.16.1 pin): the same rerouting, written here
+    _TRLForwardRedirection = None
+
+
 def _redirect(wrapper, inner, method: Callable, *args, **kwargs):
-    """Call ``method(*args)`` inside ``wrapper``'s forward (DDP/FSDP/DeepSpeed hooks run), like TRL's Liger path."""
-    had_own = "forward" in vars(inner)
-    saved = vars(inner).get("forward")
+    """Call ``method(*args)`` inside ``wrapper``'s forward (DDP/FSDP/DeepSpeed hooks run): TRL's forward redirection
+    where the installed TRL has it. TRL's leaves ``inner.forward`` set as an instance attribute (and its redirect in
+    place if the call raises), so the instance attribute is put back as it was afterwards either way."""
+    saved = vars(inner).get("forward", _MISSING)
 
     def restore():
-        if had_own:
-            inner.forward = saved
-        else:
+        if saved is _MISSING:
             inner.__dict__.pop("forward", None)
+        else:
+            inner.forward = saved
 
-    def redirected(*a, **k):
-        restore()
-        return method(*a, **k)
-
-    inner.forward = redirected
     try:
+        if _TRLForwardRedirection is not None:
+            return _TRLForwardRedirection()(wrapper, inner, method, *args, **kwargs)
+
+        def redirected(*a, **k):
+            restore()
+            return method(*a, **k)
+
+        inner.forward = redirected
         return wrapper(*args, **kwargs)
     finally:
         restore()
 
 
-def _compute(trainer, model, input_ids, attention_mask, logits_to_keep, call: dict, flavour: TRLFlavour):
-    unwrapped = _unwrap(trainer, model)
-    call = dict(call, _unwrapped=unwrapped)
-    inner = functools.partial(_score, trainer, flavour, call, logits_to_keep)
-    if model is not unwrapped or getattr(trainer, "is_fsdp_enabled", False):
-        outs = _redirect(model, unwrapped, inner, input_ids, attention_mask)
+def _compute(trainer, call: dict, target: _Target, flavour: TRLFlavour, options: Options):
+    score = functools.partial(_score, trainer, flavour, call, target, options)
+    if target.model is not target.unwrapped or getattr(trainer, "is_fsdp_enabled", False):
+        outs = _redirect(target.model, target.unwrapped, score, call["input_ids"], call["attention_mask"])
     else:
-        outs = inner(input_ids, attention_mask)
+        outs = score(call["input_ids"], call["attention_mask"])
     logps, entropies, aux = outs
     if flavour.returns == "tensor":
         return logps
@@ -364,22 +413,19 @@ def _autocast_ctx(trainer, unwrapped, flavour: TRLFlavour):
     return contextlib.nullcontext()
 
 
-def _score(trainer, flavour, call, logits_to_keep, input_ids, attention_mask):
-    lm = _causal_lm(call["_unwrapped"])
-    backbone = getattr(lm, lm.base_model_prefix)
-    head = lm.get_output_embeddings()
+def _score(trainer, flavour, call, target: _Target, options: Options, input_ids, attention_mask):
+    lm, backbone, head = target.lm, target.backbone, target.head
     softcap, scale = logit_transform(lm.config)
     temperature = float(getattr(trainer, "temperature", 1.0)) if flavour.uses_temperature else 1.0
     entropy = bool(call.get("compute_entropy"))
     entropy_grad = entropy and bool(getattr(trainer, "_entropy_bonus_enabled", False))
     aux_wanted = bool(call.get("compute_aux_loss"))
     fp32_head = bool(getattr(getattr(trainer, "args", None), "cast_lm_head_to_fp32", False))
-    opts = _STATE["options"]
     fkw = dict(temperature=temperature, softcap=softcap, logit_scale=scale,
                ignore_index=-100 if flavour.masks_padding else None)
     fn = functools.partial(token_logprobs_and_entropy if entropy else token_logprobs, **fkw)
     bs = call.get("batch_size") or input_ids.size(0)
-    K = logits_to_keep
+    K = call["logits_to_keep"]
 
     all_lp, all_ent, all_aux = [], [], []
     for start in range(0, input_ids.size(0), bs):
@@ -393,12 +439,12 @@ def _score(trainer, flavour, call, logits_to_keep, input_ids, attention_mask):
         if flavour.masks_padding:
             labels = labels.masked_fill(comp_mask == 0, -100)
         # backbone and head both run under the autocast of the unpatched call
-        with _autocast_ctx(trainer, call["_unwrapped"], flavour):
+        with _autocast_ctx(trainer, target.unwrapped, flavour):
             out = backbone(**kw)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             hidden = hidden[:, :-1][:, -K:]  # position t predicts token t+1
             # under autocast, TRL >= 1.15's fused head forms dX in float32; earlier TRLs' lm_head rounds it to bf16
-            res = _through_head(head, hidden, labels, fn, fp32_head, opts, fp32_grad_input=flavour.fused_head)
+            res = _through_head(head, hidden, labels, fn, fp32_head, options, fp32_grad_input=flavour.fused_head)
         lp, ent = res if entropy else (res, None)
         if entropy:
             if not entropy_grad:
@@ -415,17 +461,7 @@ def _score(trainer, flavour, call, logits_to_keep, input_ids, attention_mask):
     return logps, ents, aux
 
 
-def _head_inner(head):
-    """The module whose ``forward`` computes the head. FSDP1 (and activation checkpointing) wrap it in another
-    module; FSDP2, DeepSpeed ZeRO-3 and DDP hook it in place or leave it alone."""
-    while True:
-        inner = getattr(head, "_fsdp_wrapped_module", None) or getattr(head, "_checkpoint_wrapped_module", None)
-        if inner is None:
-            return head
-        head = inner
-
-
-def _through_head(head, hidden, labels, fn, fp32_head: bool, opts: dict, fp32_grad_input: bool):
+def _through_head(head, hidden, labels, fn, fp32_head: bool, options: Options, fp32_grad_input: bool):
     """``fn`` over the head's logits, chunked, computed INSIDE a call of the head module.
 
     ``head(hidden, labels)`` with the inner module's ``forward`` redirected to the chunked computation runs every
@@ -435,7 +471,7 @@ def _through_head(head, hidden, labels, fn, fp32_head: bool, opts: dict, fp32_gr
     DTensor) and skip the gradient's reduction. Nothing is gathered or copied here; the backward's recompute reads
     the weight the engine re-gathers for it, exactly as ``lm_head``'s own backward would.
     """
-    inner = _head_inner(head)
+    inner = head_module(head)
 
     def forward(h):
         weight, bias = _full(inner.weight), _full(inner.bias)
@@ -447,8 +483,8 @@ def _through_head(head, hidden, labels, fn, fp32_head: bool, opts: dict, fp32_gr
             h = h.to(device=weight.device, dtype=dtype)
             w = weight if weight.dtype == dtype else weight.to(dtype)
             b = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
-            return chunked_linear(h, w, fn, labels.to(weight.device), bias=b, chunk_size=opts.get("chunk_size"),
-                                  memory_budget=opts.get("memory_budget"), fp32_grad_input=fp32_grad_input)
+            return chunked_linear(h, w, fn, labels.to(weight.device), bias=b, chunk_size=options.chunk_size,
+                                  memory_budget=options.memory_budget, fp32_grad_input=fp32_grad_input)
 
     return _redirect(head, inner, forward, hidden)  # one argument, as lm_head(hidden): pre-hooks see what they expect
 

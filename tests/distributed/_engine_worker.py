@@ -22,7 +22,9 @@ import warnings
 import torch
 
 import grpo_mel
-from grpo_mel import testing as gt
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "examples"))  # the local reward task and its tokenizer (examples/arithmetic_task.py)
+import arithmetic_task as task  # noqa: E402
 
 # SGD moves p by lr*grad. A large lr makes the movement dwarf the fp32 rounding of p itself, so p after the step
 # carries the gradient to fp32 precision and a comparison relative to the movement can be tight.
@@ -139,8 +141,8 @@ def _trainer(work_dir: str, engine: str, case: dict):
         warnings.simplefilter("ignore")
         trainer = GRPOTrainer(
             model=os.path.join(work_dir, "model-tied" if case["tied"] else "model-untied"),
-            reward_funcs=[gt.format_reward], args=args, train_dataset=Dataset.from_list(gt.arithmetic_prompts(8)),
-            processing_class=gt.tiny_tokenizer(1024),
+            reward_funcs=[task.format_reward], args=args, train_dataset=Dataset.from_list(task.arithmetic_prompts(8)),
+            processing_class=task.tiny_tokenizer(1024),
         )
 
     class CheckEngine(TrainerCallback):

@@ -29,6 +29,9 @@ trl = pytest.importorskip("trl")
 
 import grpo_mel  # noqa: E402
 from grpo_mel import testing as gt  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "examples"))  # the local reward task and its tokenizer (examples/arithmetic_task.py)
+import arithmetic_task as task  # noqa: E402
 from grpo_mel.integrations._trl_compat import detect  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -98,7 +101,7 @@ _TRL_HEAD_BUG = pytest.mark.xfail(
 @pytest.fixture(scope="module")
 def work():
     with tempfile.TemporaryDirectory() as d:
-        tok = gt.tiny_tokenizer(1024)
+        tok = task.tiny_tokenizer(1024)
         for tied in (False, True):
             gt.tiny_llama(vocab_size=1024, tokenizer=tok, tie_word_embeddings=tied).save_pretrained(
                 os.path.join(d, "model-tied" if tied else "model-untied"))
@@ -117,8 +120,8 @@ def _save_batch(d, tok):
                       beta=0.0, bf16=False, loss_type="grpo")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = GRPOTrainer(model=os.path.join(d, "model-untied"), reward_funcs=[gt.format_reward], args=args,
-                              train_dataset=Dataset.from_list(gt.arithmetic_prompts(8)), processing_class=tok)
+        trainer = GRPOTrainer(model=os.path.join(d, "model-untied"), reward_funcs=[task.format_reward], args=args,
+                              train_dataset=Dataset.from_list(task.arithmetic_prompts(8)), processing_class=tok)
         batch = [dict(trainer.train_dataset[i]) for i in range(2) for _ in range(4)]
         torch.manual_seed(1234)
         inputs = trainer._generate_and_score_completions(batch)

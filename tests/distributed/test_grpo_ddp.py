@@ -12,6 +12,7 @@ synchronised gradient must equal the reference. The patch must go through the DD
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import warnings
 
@@ -23,6 +24,9 @@ trl = pytest.importorskip("trl")
 
 import grpo_mel  # noqa: E402
 from grpo_mel import testing as gt  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "examples"))  # the local reward task and its tokenizer (examples/arithmetic_task.py)
+import arithmetic_task as task  # noqa: E402
 
 WORLD = 2
 CHUNK = 7
@@ -37,12 +41,12 @@ def _trainer(out_dir, model_path):
         learning_rate=1e-3, report_to="none", use_cpu=True, save_strategy="no", seed=0, beta=0.0, bf16=False,
         loss_type="grpo", max_steps=1, disable_dropout=True, logging_steps=1,
     )
-    tok = gt.tiny_tokenizer(1024)
+    tok = task.tiny_tokenizer(1024)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = GRPOTrainer(
-            model=model_path, reward_funcs=[gt.format_reward], args=args,
-            train_dataset=Dataset.from_list(gt.arithmetic_prompts(8)), processing_class=tok,
+            model=model_path, reward_funcs=[task.format_reward], args=args,
+            train_dataset=Dataset.from_list(task.arithmetic_prompts(8)), processing_class=tok,
         )
     trainer.current_gradient_accumulation_steps = 1
     return trainer
@@ -77,7 +81,7 @@ def _worker(rank, port, work_dir):
 @pytest.mark.slow
 def test_patched_grpo_under_ddp_matches_single_process():
     with tempfile.TemporaryDirectory() as d:
-        tok = gt.tiny_tokenizer(1024)
+        tok = task.tiny_tokenizer(1024)
         gt.tiny_llama(vocab_size=1024, tokenizer=tok).save_pretrained(os.path.join(d, "model"))
         grpo_mel.unpatch_grpo()
         trainer = _trainer(os.path.join(d, "out"), os.path.join(d, "model"))

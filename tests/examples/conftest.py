@@ -6,6 +6,7 @@ shadow the repository's ``examples/`` directory.)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -50,3 +51,31 @@ def _seed_and_one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def calls_per_run(example, obj, name: str):
+    """Count the calls of ``obj.name`` (the library function a patch computes with) during each of the example's
+    runs: yields ``{"patched": n, "unpatched": n}``, filled as ``example.run_once`` returns. The count is this
+    test's own: the examples and the library keep none."""
+    counts, box = {}, {"n": 0}
+    real_fn, real_run = getattr(obj, name), example.run_once
+
+    def fn(*a, **k):
+        box["n"] += 1
+        return real_fn(*a, **k)
+
+    def run_once(src, args, patched, *rest, **kw):
+        start = box["n"]
+        try:
+            return real_run(src, args, patched, *rest, **kw)
+        finally:
+            counts["patched" if patched else "unpatched"] = box["n"] - start
+
+    setattr(obj, name, fn)
+    example.run_once = run_once
+    try:
+        yield counts
+    finally:
+        setattr(obj, name, real_fn)
+        example.run_once = real_run

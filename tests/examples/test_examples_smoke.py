@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import has_bnb_cpu, load_example
+from conftest import calls_per_run, has_bnb_cpu, load_example
 
 TOL = 1e-3  # largest |Δloss| allowed, CPU fp32, tiny size
 
@@ -35,6 +35,14 @@ def grpo_result():
 
 
 def _grpo_main(mod):
+    from grpo_mel.integrations import trl_grpo
+
+    with calls_per_run(mod, trl_grpo, "chunked_linear") as calls:
+        res = _grpo_argv(mod)
+    return dict(res, calls=calls)
+
+
+def _grpo_argv(mod):
     return mod.main(["--compare", "--steps", "3", "--num-generations", "2", "--prompts-per-step", "2",
                      "--max-completion-length", "8", "--beta", "0.04", "--learning-rate", "1e-3",
                      "--chunk-size", "5", "--num-prompts", "32", "--no-warmup",
@@ -56,9 +64,8 @@ def test_grpo_example_patched_matches_unpatched(grpo_result):
         assert len(a) == len(b) == 3 and all(x > 0 for x in a)
         for x, y in zip(a, b):
             assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (key, a, b)
-    calls = patched.extra.get("patched_calls")
-    if calls is not None:
-        assert calls > 0, "the patched run never computed log-probs through grpo_mel"
+    calls = grpo_result["calls"]
+    assert calls["unpatched"] == 0 and calls["patched"] > 0, calls  # the patched run went through grpo_mel
 
 
 @pytest.mark.parametrize("flag,value", [("auto", None), ("true", True), ("false", False)])
@@ -73,9 +80,17 @@ def test_grpo_example_override_fused_head_reaches_the_patch(monkeypatch, flag, v
     assert "override_fused_head" in seen and seen["override_fused_head"] is value
 
 
-def test_sft_example_loss_match_lora():
+def _sft_main(argv):
+    from grpo_mel.integrations import causal_lm
+
     mod = load_example("sft_loss_match")
-    res = mod.main(["--no-4bit", "--steps", "3", "--chunk-size", "7", "--num-rows", "16", "--no-warmup",
+    with calls_per_run(mod, causal_lm, "causal_lm_loss") as calls:
+        res = mod.main(argv)
+    return res, calls
+
+
+def test_sft_example_loss_match_lora():
+    res, calls = _sft_main(["--no-4bit", "--steps", "3", "--chunk-size", "7", "--num-rows", "16", "--no-warmup",
                     "--output-dir", "/tmp/grpo_mel_test_outputs/sft"])
     unpatched, patched = res["runs"]
     for r in (unpatched, patched):
@@ -83,20 +98,18 @@ def test_sft_example_loss_match_lora():
     assert all(x > 1.0 for x in unpatched.losses)  # ~ln(vocab) for a random model: a real loss
     assert res["max_abs_diff"] == max(abs(a - b) for a, b in zip(unpatched.losses, patched.losses))
     assert res["max_abs_diff"] <= TOL
-    assert patched.extra["patched_forward_calls"] == 3 * 2  # 3 steps x grad accum 2, all through the patch
-    assert unpatched.extra["patched_forward_calls"] == 0
+    assert calls == {"unpatched": 0, "patched": 3 * 2}  # 3 steps x grad accum 2, all through the patch
 
 
 @pytest.mark.skipif(not has_bnb_cpu(), reason="bitsandbytes not installed")
 def test_sft_example_loss_match_4bit_qlora():
-    mod = load_example("sft_loss_match")
-    res = mod.main(["--steps", "2", "--num-rows", "8", "--no-warmup",
-                    "--output-dir", "/tmp/grpo_mel_test_outputs/sft4"])
+    res, calls = _sft_main(["--steps", "2", "--num-rows", "8", "--no-warmup",
+                            "--output-dir", "/tmp/grpo_mel_test_outputs/sft4"])
     unpatched, patched = res["runs"]
     for r in (unpatched, patched):
         _check_run(r, 2)
     assert res["max_abs_diff"] <= TOL
-    assert patched.extra["patched_forward_calls"] == 2 * 2
+    assert calls == {"unpatched": 0, "patched": 2 * 2}
 
 
 def test_sft_example_comparison_can_fail(monkeypatch):

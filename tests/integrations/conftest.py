@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import sys
 import warnings
 
 import pytest
@@ -25,6 +26,9 @@ from packaging.version import Version  # noqa: E402
 
 import grpo_mel  # noqa: E402
 from grpo_mel import testing as gt  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "examples"))  # the local reward task and its tokenizer (examples/arithmetic_task.py)
+import arithmetic_task as task  # noqa: E402
 
 TRL_VERSION = Version(trl.__version__)
 CHUNK = 7  # several chunks, an uneven last one, for every test below
@@ -39,25 +43,19 @@ def _always_unpatched():
 
 @functools.lru_cache(None)
 def tokenizer(vocab_size: int = 1024):
-    return gt.tiny_tokenizer(vocab_size)
+    return task.tiny_tokenizer(vocab_size)
 
 
 def dataset(n: int = 8, seed: int = 0):
     from datasets import Dataset
 
-    return Dataset.from_list(gt.arithmetic_prompts(n, seed=seed))
+    return Dataset.from_list(task.arithmetic_prompts(n, seed=seed))
 
 
-def _config_fields():
-    from trl import GRPOConfig
-
-    return {f.name for f in dataclasses.fields(GRPOConfig)}
-
-
-def grpo_config(tmp_path, **overrides):
-    """A small, CPU, fp32 GRPOConfig; keys the installed TRL does not know are dropped (or must be defaults)."""
-    from trl import GRPOConfig
-
+def grpo_config(tmp_path, trainer: str = "grpo", **overrides):
+    """A small, CPU, fp32 GRPOConfig (``trainer="rloo"``: RLOOConfig); keys the installed TRL does not know are
+    dropped (or must be defaults)."""
+    config_cls = getattr(trl, f"{trainer.upper()}Config")
     kw = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -84,7 +82,7 @@ def grpo_config(tmp_path, **overrides):
         shuffle_dataset=False,
     )
     kw.update(overrides)
-    fields = _config_fields()
+    fields = {f.name for f in dataclasses.fields(config_cls)}
     # options a test relies on: skip (naming it) where the installed TRL lacks the field, rather than drop it
     required = {
         "top_entropy_quantile": 1.0, "cast_lm_head_to_fp32": False, "entropy_coef": 0.0, "loss_type": "grpo",
@@ -92,9 +90,9 @@ def grpo_config(tmp_path, **overrides):
     for k in list(kw):
         if k not in fields:
             if k in required and kw[k] != required[k]:
-                pytest.skip(f"TRL {trl.__version__} has no GRPOConfig.{k}")
+                pytest.skip(f"TRL {trl.__version__} has no {config_cls.__name__}.{k}")
             kw.pop(k)
-    return GRPOConfig(**kw)
+    return config_cls(**kw)
 
 
 def make_model(kind: str = "llama", tied: bool = False, vocab_size: int = 1024, hidden: int = 64):
@@ -107,21 +105,21 @@ def make_model(kind: str = "llama", tied: bool = False, vocab_size: int = 1024, 
     raise ValueError(kind)
 
 
-def make_trainer(tmp_path, model=None, peft_config=None, n_prompts: int = 8, **cfg):
-    from trl import GRPOTrainer
-
+def make_trainer(tmp_path, model=None, peft_config=None, n_prompts: int = 8, trainer: str = "grpo", **cfg):
+    """A GRPOTrainer (``trainer="rloo"``: an RLOOTrainer) on a tiny model, the local task and its reward."""
+    trainer_cls = getattr(trl, f"{trainer.upper()}Trainer")
     if model is None:
         model = make_model()
     if not isinstance(model, str) and peft_config is None:  # TRL builds the reference from the path: hand it one
         path = os.path.join(str(tmp_path), "model")
         model.save_pretrained(path)
         model = path
-    args = grpo_config(tmp_path, **cfg)
+    args = grpo_config(tmp_path, trainer, **cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = GRPOTrainer(
+        trainer = trainer_cls(
             model=model,
-            reward_funcs=[gt.format_reward],
+            reward_funcs=[task.format_reward],
             args=args,
             train_dataset=dataset(n_prompts),
             processing_class=tokenizer(),

@@ -148,7 +148,8 @@ def test_source_disagreeing_with_table_warns_and_runs_trls_method(tmp_path, monk
     trainer = make_trainer(tmp_path, temperature=0.7)
     row = _trl_compat.row_for(trl.__version__)
     wrong = dataclasses.replace(row, uses_temperature=False)
-    monkeypatch.setattr(_trl_compat, "_TABLE", tuple(wrong if r is row else r for r in _trl_compat._TABLE))
+    table = tuple(wrong if r is row else r for r in _trl_compat.GRPO.table)
+    monkeypatch.setattr(_trl_compat, "GRPO", dataclasses.replace(_trl_compat.GRPO, table=table))
     f = _trl_compat.detect()
     assert f.unsettled is not None and f.uses_temperature is None  # no flag is guessed
     _trl_numbers_with_one_warning(trainer, row.method_name, "uses_temperature")

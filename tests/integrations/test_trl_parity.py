@@ -61,11 +61,13 @@ def _method(trainer):
     return f, getattr(trainer, f.method_name)
 
 
-def check_parity(trainer, n_prompts=2, grad_tol=None):
+def check_parity(trainer, n_prompts=2, grad_tol=None, patched=None):
+    """Unpatched vs patched (``patched``: the patch's context manager, default grpo_mel.grpo_patched) on the same
+    trainer: same generations, old/ref log-probs, loss and every gradient."""
     batch = generation_batch(trainer, n_prompts)
     ref_inputs = generate(trainer, batch)
     ref_loss, ref_grads = loss_and_grads(trainer, ref_inputs)
-    with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
+    with (patched or grpo_mel.grpo_patched)(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
         new_inputs = generate(trainer, batch)
         n_gen = spy["n"]
         new_loss, new_grads = loss_and_grads(trainer, new_inputs)

@@ -49,7 +49,7 @@ def test_unpatch_restores_exact_function_object():
     original = vars(GRPOTrainer)[name]
     grpo_mel.patch_grpo(chunk_size=CHUNK)
     patched = vars(GRPOTrainer)[name]
-    assert patched is not original and getattr(patched, "_grpo_mel_patched", False)
+    assert patched is not original and getattr(patched, "_grpo_mel", None) is not None
     assert inspect.signature(patched) == inspect.signature(original)  # same signature for every call site
     grpo_mel.unpatch_grpo()
     assert vars(GRPOTrainer)[name] is original
@@ -66,9 +66,9 @@ def test_patch_is_idempotent():
     first = vars(GRPOTrainer)[name]
     grpo_mel.patch_grpo(chunk_size=CHUNK)
     assert vars(GRPOTrainer)[name] is first
-    grpo_mel.patch_grpo(chunk_size=16)  # options update, still one layer of patching
-    assert vars(GRPOTrainer)[name] is first
-    assert trl_grpo._STATE["options"]["chunk_size"] == 16
+    grpo_mel.patch_grpo(chunk_size=16)  # options update: a new replacement, still over the original
+    assert vars(GRPOTrainer)[name]._grpo_mel.original is original
+    assert trl_grpo.record("grpo").options.chunk_size == 16
     grpo_mel.unpatch_grpo()
     assert vars(GRPOTrainer)[name] is original
 
@@ -84,8 +84,8 @@ def test_context_manager():
     assert vars(GRPOTrainer)[name] is original
     grpo_mel.patch_grpo(chunk_size=3)
     with grpo_mel.grpo_patched(chunk_size=CHUNK):
-        assert trl_grpo._STATE["options"]["chunk_size"] == CHUNK
-    assert trl_grpo.is_patched() and trl_grpo._STATE["options"]["chunk_size"] == 3
+        assert trl_grpo.record("grpo").options.chunk_size == CHUNK
+    assert trl_grpo.is_patched() and trl_grpo.record("grpo").options.chunk_size == 3
 
 
 def test_bad_options():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 
 import pytest
@@ -36,7 +37,9 @@ else:
     vllm = pytest.importorskip("vllm")
 
 import grpo_mel  # noqa: E402
-from grpo_mel import testing as gt  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "examples"))  # the local reward task and its tokenizer (examples/arithmetic_task.py)
+import arithmetic_task as task  # noqa: E402
 from grpo_mel.integrations import trl_grpo  # noqa: E402
 
 from .conftest import CHUNK, count_calls, dataset, grpo_config, make_model, tokenizer  # noqa: E402
@@ -100,7 +103,7 @@ def _train(tmp_path, patched: bool, skip_sync: bool = False):
     rewards = []
 
     def format_reward(completions, **kw):
-        rewards.append(gt.format_reward(completions, **kw))
+        rewards.append(task.format_reward(completions, **kw))
         return rewards[-1]
 
     with warnings.catch_warnings():

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 import time
 from typing import Any
@@ -57,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 METRIC_KEYS = ("grad_norm", "entropy", "reward", "rewards/arithmetic_reward/mean", "rewards/format_reward/mean",
-               "completions/mean_length", "kl")
+               "completions/mean_length", "kl", "step_time")
 
 
 def build_dataset(n: int, seed: int):
@@ -217,7 +218,7 @@ def main(argv=None) -> dict[str, Any]:
     src.cleanup()
 
     C.print_curves(runs, "loss")
-    for k in ("grad_norm", "entropy", "kl", "reward"):
+    for k in ("grad_norm", "entropy", "kl", "reward", "step_time"):  # step_time: TRL's, seconds (TRL >= 1.x)
         if all(k in r.metrics for r in runs):
             C.print_curves(runs, k)
     C.print_memory(runs)
@@ -237,6 +238,9 @@ def main(argv=None) -> dict[str, Any]:
         if "reward" in r.metrics:
             line += f", mean reward first/last step {r.metrics['reward'][0]:.3f}/{r.metrics['reward'][-1]:.3f}"
         print(line)
+    if len(runs) == 2 and all("step_time" in r.metrics for r in runs):
+        t0, t1 = (statistics.median(r.metrics["step_time"]) for r in runs)
+        print(f"  patched / unpatched median step time: {t1 / t0:.3f} ({t0:.1f} s -> {t1:.1f} s)")
     if len(runs) == 2 and runs[0].peaks and runs[1].peaks:
         print(f"  patched / unpatched max peak: {runs[1].max_peak / runs[0].max_peak:.3f}")
     if args.plot:

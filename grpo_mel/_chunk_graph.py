@@ -1,7 +1,7 @@
 """One chunk's f graph for the backward: the logits as a non-leaf whose gradient dZ is caught on its way.
 
-Used by :class:`grpo_mel.linear.MemoryEfficientLinear`'s backward (recompute) and, when one chunk holds all
-rows, by its forward (the graph is kept). docs/design.md, "Why the recomputed logits are not a leaf".
+Used by :class:`grpo_mel.linear.MemoryEfficientLinear`'s backward (recompute) and by its forward for the last
+chunk (the graph is kept for the backward). docs/design.md, "Why the recomputed logits are not a leaf".
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ The idea is ``torch.utils.checkpoint`` specialised to the LM head:
 dW is returned through autograd (not written to ``.grad`` as a side effect), so tied weights,
 gradient hooks, DDP and gradient accumulation see an ordinary gradient. Work is skipped where it is
 not needed: no dW for a frozen W, no dX for an X that does not require grad, and outputs that
-received no gradient (e.g. an entropy that is only logged) are not differentiated. When one chunk holds
-all rows, the forward keeps f's graph and nothing is recomputed (docs/design.md, "Two paths through the
-Function").
+received no gradient (e.g. an entropy that is only logged) are not differentiated. Where a backward will
+follow, the forward keeps the last chunk's f graph, so that chunk is not recomputed (all rows when one chunk
+holds them; docs/design.md, "The kept last chunk").
 
 Two front doors share one Function: :func:`chunked_linear` ``(X, weight, fn, *row_args, bias=None,
 chunk_size=None, ...)`` where ``fn(z_c, *row_args_c)`` receives the chunk's logits ([c, V], X's dtype) and
@@ -42,18 +42,34 @@ from .planning import plan_chunk_size, validate_chunk_size, validate_memory_budg
 
 __all__ = ["MemoryEfficientLinear", "chunked_linear", "output_needs_grad"]
 
-#: Indices of f's outputs that receive a gradient, while the backward recomputes a chunk; None otherwise.
-_LIVE_OUTPUTS: contextvars.ContextVar[frozenset[int] | None] = contextvars.ContextVar("grpo_mel_live_outputs",
-                                                                                     default=None)
+#: Indices of f's outputs that receive a gradient, while the backward recomputes a chunk (or the forward builds
+#: the kept last chunk's graph: a _Guess); None otherwise.
+_LIVE_OUTPUTS: contextvars.ContextVar = contextvars.ContextVar("grpo_mel_live_outputs", default=None)
+
+
+class _Guess:
+    """``output_needs_grad`` while the forward builds the kept last chunk's graph, before anyone knows which outputs
+    will get a gradient: the first output is assumed to, any other output f asks about is assumed not to (a logged
+    entropy, GRPO's case) and remembered; if one of those does get a gradient, the backward recomputes the chunk."""
+
+    def __init__(self):
+        self.assumed_without_grad: set[int] = set()
+
+    def __contains__(self, index: int) -> bool:
+        if index == 0:
+            return True
+        self.assumed_without_grad.add(index)
+        return False
 
 
 def output_needs_grad(index: int) -> bool:
     """For use inside a transformation function f: will f's output ``index`` be differentiated?
 
     While :class:`MemoryEfficientLinear`'s backward recomputes a chunk, True only for the outputs that
-    received an upstream gradient (e.g. False for an entropy that is only logged); elsewhere (the forward,
-    or f called on its own) ``torch.is_grad_enabled()``: False in the chunked forward (``no_grad``), True where
-    the forward keeps the graph of a single chunk for the backward. An f may compute an
+    received an upstream gradient (e.g. False for an entropy that is only logged). While the forward builds the
+    graph it keeps for the backward (the last chunk), True for output 0 and False for the others (should one of
+    them get a gradient after all, the backward recomputes that chunk). Elsewhere (the forward's other chunks,
+    or f called on its own) ``torch.is_grad_enabled()``: False in the chunked forward (``no_grad``). An f may compute an
     output that is not differentiated under ``torch.no_grad()``, so its graph (and the ``[c, V]`` tensors the
     graph would save) is never built. The value must be the same either way: only the graph may differ.
     """
@@ -71,7 +87,7 @@ class _Options:
     chunk_size: int  # rows per chunk
     reduction: str  # how 0-dim outputs combine over chunks: "mean" | "sum"
     fp32_grad_input: bool  # see chunked_linear
-    keep_graph: bool = False  # one chunk: the forward builds f's graph and the backward uses it (no recompute)
+    keep_graph: bool = False  # the forward builds the last chunk's f graph and the backward uses it (no recompute)
 
     def scalar_weight(self, rows: int, n: int) -> float:
         """The weight of one chunk's 0-dim output in the total: its share of rows for "mean"."""
@@ -108,8 +124,13 @@ class MemoryEfficientLinear(torch.autograd.Function):
         for start in range(0, max(n, 1), opts.chunk_size):
             end = min(start + opts.chunk_size, n)
             args_c = [a[start:end] for a in row_args]
-            if opts.keep_graph:  # one chunk: f's graph is kept for the backward
-                ctx.kept = ChunkGraph(opts.fn, X, weight, bias, row_args, ctx.needs_input_grad[4:])
+            if opts.keep_graph and end >= n:  # the last chunk: its f graph is kept, the backward starts with it
+                ctx.guess = _Guess()
+                token = _LIVE_OUTPUTS.set(ctx.guess)
+                try:
+                    ctx.kept = ChunkGraph(opts.fn, X[start:end], weight, bias, args_c, ctx.needs_input_grad[4:])
+                finally:
+                    _LIVE_OUTPUTS.reset(token)
                 res = [r.detach() for r in ctx.kept.res]
             else:
                 res = as_outputs(opts.fn(chunk_logits(X[start:end], weight, bias), *args_c))
@@ -142,6 +163,8 @@ class MemoryEfficientLinear(torch.autograd.Function):
         if not live:
             return (None,) * len(ctx.needs_input_grad)
 
+        if ctx.kept is not None and ctx.guess.assumed_without_grad.intersection(live):
+            ctx.kept = None  # f built the kept graph assuming an output would get no gradient, and it got one
         grads = LinearGrads(X, weight, bias, need_x, need_w, need_b, ctx.gemm_dtype, ctx.opts.fp32_grad_input)
         d_args = [torch.zeros_like(a) if need else None for a, need in zip(row_args, arg_needs)]
         if X.shape[0] > 0:
@@ -159,7 +182,12 @@ class MemoryEfficientLinear(torch.autograd.Function):
 def _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads: LinearGrads, d_args) -> None:
     """Recompute each chunk with autograd on, differentiate f with the upstream gradients, apply the GEMMs."""
     n, opts = X.shape[0], ctx.opts
-    for start in range(0, n, opts.chunk_size):
+    starts = list(range(0, n, opts.chunk_size))
+    if ctx.kept is not None:
+        # the forward kept the last chunk's graph: differentiate it first, so it is freed before any recompute; the
+        # recomputed chunks still run in the forward's order (f's random draws replay in sequence)
+        starts = starts[-1:] + starts[:-1]
+    for start in starts:
         end = min(start + opts.chunk_size, n)
         x_c = X[start:end]
         if ctx.kept is not None:  # the forward's graph, used once (a second backward recomputes)
@@ -266,10 +294,10 @@ def chunked_linear(
     n = X2.shape[0]
     flat_args = tuple(a.reshape(n, *a.shape[len(lead):]) for a in row_args)
     chunk = plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget)
-    grad_expected = n > 0 and torch.is_grad_enabled() and any(
+    # where a backward will follow, the forward keeps the last chunk's f graph instead of the backward recomputing
+    # it (all of it when one chunk holds every row)
+    keep = n > 0 and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (X2, weight, bias, *flat_args))
-    # one chunk holds all N rows: keep f's graph from the forward instead of recomputing it in the backward
-    keep = grad_expected and chunk >= n
     opts = _Options(fn=fn, chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input),
                     keep_graph=keep)
     outs = MemoryEfficientLinear.apply(opts, X2, weight, bias, *flat_args)

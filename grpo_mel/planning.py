@@ -21,7 +21,8 @@ import torch
 #: float32 ``[rows, V]`` buffers alive at once in a chunk of a typical f. Measured with grpo_mel.memory at
 #: N=2048, H=256, V=32000 fp32 (docs/design.md): in backward, log-probs and cross-entropy keep 3 (the
 #: log-softmax saved for backward, the gather's gradient, dZ; the recomputed logits are freed as soon as f
-#: has used them), log-probs + entropy keep 4 (the softmax saved by the entropy's graph).
+#: has used them), also with an entropy that is only logged; log-probs + an entropy that receives a gradient
+#: keep 5 (its graph saves the softmax; docs/benchmarks.md, "Buffers per chunk").
 LIVE_FP32_BUFFERS = 3
 #: Budget used on the CPU, and on CUDA when free memory cannot be read: 196 rows at V=32000 fp32, which
 #: keeps the peak of log-probs forward+backward at N=2048, H=256 near 0.14x the full-logits path

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 import transformers  # noqa: F401 - the `trl` extra (grpo_mel.__init__ names it when missing)
 from torch import nn
 
-from ..functions import linear_cross_entropy, prepare_logits
+from ..functions import cross_entropy
+from ..fused import linear_cross_entropy
 from ..linear import chunked_linear
 from ..planning import validate_chunk_size, validate_memory_budget
 from ._model import logit_transform, unwrap_peft
@@ -77,12 +78,6 @@ class _PatchState:
 # --------------------------------------------------------------------------------------------------
 # the loss
 # --------------------------------------------------------------------------------------------------
-
-def _ce_rows(z, labels, ignore_index=-100, softcap=None, logit_scale=1.0):
-    """Per-row cross-entropy after the model's own logit transform (scale, softcap), float32."""
-    logits = prepare_logits(z, softcap=softcap, logit_scale=logit_scale)
-    return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")
-
 
 def causal_lm_loss(
     hidden_states: torch.Tensor,
@@ -140,7 +135,7 @@ def causal_lm_loss(
                 chunk_size=chunk_size, memory_budget=memory_budget,
             )
         else:
-            fn = functools.partial(_ce_rows, ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale)
+            fn = functools.partial(cross_entropy, ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale)
             total = chunked_linear(
                 X, weight, fn, y, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget
             ).sum()

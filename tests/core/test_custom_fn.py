@@ -144,13 +144,14 @@ def test_f_using_integer_row_arg_and_constant_output():
 
 
 def test_f_called_once_per_chunk_and_recomputed_in_backward():
-    """Recompute-in-backward: f runs on each chunk in forward and once more in backward, and only there."""
+    """Recompute-in-backward: f runs on each chunk in forward and once more in backward for every chunk but the
+    last (whose graph the forward kept)."""
     X, W, _, labels = make_inputs((10,), H, V)
     rec = ChunkRecorder(lambda z, y: F.cross_entropy(z.float(), y, reduction="none"))
     out = chunked_linear(X, W, rec, labels, chunk_size=4)
     assert rec.rows == [4, 4, 2]
     out.sum().backward()
-    assert rec.rows == [4, 4, 2, 4, 4, 2]
+    assert rec.rows == [4, 4, 2, 4, 4]
 
 
 def test_f_sees_input_dtype_logits():
@@ -246,13 +247,25 @@ def test_output_needs_grad_tells_f_which_outputs_are_differentiated():
 
     X, W, _, labels = make_inputs((6,), H, V)
     lp, ent = chunked_linear(X, W, f, labels, chunk_size=3)
-    assert seen == [(False, False, False)] * 2  # forward: under no_grad, nothing is differentiated
+    # forward: the first chunk under no_grad; the last chunk's graph is kept, assuming only output 0 gets a gradient
+    assert seen == [(False, False, False), (True, True, False)]
     seen.clear()
-    torch.autograd.grad(lp.sum(), [X, W], retain_graph=True)  # only output 0 gets a gradient
-    assert seen == [(True, True, False)] * 2
+    torch.autograd.grad(lp.sum(), [X, W], retain_graph=True)  # only output 0 gets a gradient: the kept graph serves
+    assert seen == [(True, True, False)]
     seen.clear()
-    torch.autograd.grad((lp + ent).sum(), [X, W])
+    torch.autograd.grad((lp + ent).sum(), [X, W])  # the kept graph is used up: both chunks recomputed
     assert seen == [(True, True, True)] * 2
+
+    # the kept graph assumed the entropy gets no gradient; it gets one: that chunk is recomputed, with its graph
+    seen.clear()
+    Xa, Wa = leaf_clone(X), leaf_clone(W)
+    lp, ent = chunked_linear(Xa, Wa, f, labels, chunk_size=3)
+    got = grads((lp + ent).sum(), [Xa, Wa])
+    assert seen[2:] == [(True, True, True)] * 2
+    Xr, Wr = leaf_clone(X), leaf_clone(W)
+    lp_r, ent_r = naive_apply(Xr, Wr, f, labels)
+    for g, r in zip(got, grads((lp_r + ent_r).sum(), [Xr, Wr])):
+        assert_close_fp32(g, r)
     assert output_needs_grad(0) is torch.is_grad_enabled()  # outside the Function
     with torch.no_grad():
         assert output_needs_grad(0) is False

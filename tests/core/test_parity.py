@@ -209,9 +209,10 @@ def test_parity_larger_vocab_and_values(case):
         assert_close_fp32(go, gr, what=name)
 
 
-@pytest.mark.parametrize("chunk_size,expected", [(1, [1] * 13 * 2), (7, [7, 6] * 2), (13, [13]), (18, [13])])
+@pytest.mark.parametrize("chunk_size,expected", [(1, [1] * (13 + 12)), (7, [7, 6, 7]), (13, [13]), (18, [13])])
 def test_chunk_sizes_seen_by_f(chunk_size, expected):
-    """Forward and backward both see every chunk; with one chunk for all rows f runs once (its graph is kept)."""
+    """The forward sees every chunk; the backward recomputes all but the last (its graph is kept from the forward),
+    so with one chunk for all rows f runs once."""
     X, W, _, labels = make_inputs((13,), H, V)
     rec = ChunkRecorder(G.token_logprobs)
     chunked_linear(X, W, rec, labels, chunk_size=chunk_size).sum().backward()
@@ -219,8 +220,9 @@ def test_chunk_sizes_seen_by_f(chunk_size, expected):
 
 
 def test_kept_graph_matches_recompute_and_survives_a_second_backward():
-    """One chunk for all rows (the forward keeps f's graph) gives what several recomputed chunks give; the kept graph
-    is used once, so a second backward through the same output recomputes and gets the same gradient."""
+    """One chunk for all rows (the forward keeps f's graph) gives what several chunks (the last kept, the others
+    recomputed) give; the kept graph is used once, so a second backward through the same output recomputes every
+    chunk and gets the same gradient."""
     lead = (3, 7)
     X, W, b, labels = make_inputs(lead, H, V, bias=True)
     w = random_weights(lead, seed=7)
@@ -233,12 +235,13 @@ def test_kept_graph_matches_recompute_and_survives_a_second_backward():
         outs[chunk] = (lp, ent)
     for a, r in zip(outs[21] + tuple(got[21]), outs[4] + tuple(got[4])):
         assert_close_fp32(a, r)
-    Xs = leaf_clone(X)
-    lp, _ = chunked_linear(Xs, W, f, labels, bias=b, chunk_size=21)
-    (lp * w).sum().backward(retain_graph=True)
-    first = Xs.grad.clone()
-    (lp * w).sum().backward()
-    assert_close_fp32(Xs.grad, 2 * first)
+    for chunk in (21, 4):
+        Xs = leaf_clone(X)
+        lp, _ = chunked_linear(Xs, W, f, labels, bias=b, chunk_size=chunk)
+        (lp * w).sum().backward(retain_graph=True)
+        first = Xs.grad.clone()
+        (lp * w).sum().backward()
+        assert_close_fp32(Xs.grad, 2 * first)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,15 +48,17 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "b
 OUTPUTS = ("report.md", "install.log", "parity.log", "head.log", "grpo.log", "sft.log", "head_h*_v*.csv")
 PROBES = ("trl", "datasets", "bitsandbytes", "liger_kernel.ops.fused_linear_cross_entropy", "cut_cross_entropy.cce")
 
-# sizes: GPU (about 8 minutes on an H100 in all) and the CPU smoke (tiny, seconds each)
+# sizes: GPU (one H200, 2026-11-26: install 1 s, parity 12 s, head-1 > 120 s, grpo 93 s, sft 80 s, head-2 > 150 s;
+# the heads were cut at those caps, so they are raised here; the whole suite fits one 600 s device call) and
+# the CPU smoke (tiny, seconds each)
 GPU = dict(
-    budget_s=555,
+    budget_s=570,
     parity=["tests/core/test_parity.py"],
     heads={"head-1": ["--preset", "gpu"], "head-2": ["--preset", "gpu-h4096"]},
     grpo=["--model", "llama-1b-random", "--finetune", "lora", "--bf16", "--num-generations", "8",
           "--max-completion-length", "512", "--steps", "2", "--compare", "--override-fused-head", "true"],
     sft=["--model", "llama-1b-random", "--steps", "4"],
-    caps={"install": 60, "parity": 90, "head-1": 120, "grpo": 180, "sft": 120, "head-2": 150},
+    caps={"install": 60, "parity": 60, "head-1": 170, "grpo": 150, "sft": 110, "head-2": 200},
 )
 _TINY_HEAD = ["--device", "cpu", "--dtype", "float32", "--tokens", "96", "--chunks", "64", "--repeats", "1"]
 SMOKE = dict(
@@ -392,7 +394,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu-smoke", action="store_true", help="the same steps at tiny sizes on the CPU")
     p.add_argument("--out", help="output folder (default: $OUT, else outputs/gpu_suite or outputs/gpu_suite_smoke)")
-    p.add_argument("--budget-s", type=float, help="time for all steps (default: 555 on GPU, 600 for the smoke)")
+    p.add_argument("--budget-s", type=float, help="time for all steps (default: 570 on GPU, 600 for the smoke)")
     args = p.parse_args(argv)
     smoke = args.cpu_smoke
     sizes = SMOKE if smoke else GPU

@@ -92,7 +92,8 @@ def patch_grpo(
         memory_budget: bytes for one chunk's working set when ``chunk_size`` is None (see :mod:`grpo_mel.planning`).
         override_fused_head: on TRL >= 1.15 (which has its own fused LM head): True routes through grpo_mel, False
             keeps TRL's method. None (default) decides per device: TRL's head where TRL runs its Triton kernel
-            (CUDA/XPU with Triton), which grpo_mel has not been measured against yet (scripts/gpu_suite.sh);
+            (CUDA/XPU with Triton), measured on an H200 to be 2.3-2.5x faster than grpo_mel's head at 1.2-1.4x
+            its head peak, and equal in a whole 1B GRPO step's peak (docs/benchmarks.md, "GPU results");
             grpo_mel's everywhere else (CPU, MPS, no Triton), where TRL takes its torch fallback, measured to
             peak far higher (docs/benchmarks.md). The path chosen is logged once per device, naming why.
         trainer_cls: the class to patch (default ``trl.GRPOTrainer``).
@@ -230,9 +231,9 @@ def _keep_trl_fused_head(device: torch.device, options: Options) -> bool:
     if key not in _WARNED:
         _WARNED.add(key)
         if keep:
-            _LOG.warning("grpo_mel: keeping TRL's fused LM head on %s: TRL runs its Triton kernel there, which grpo_mel "
-                         "has not been measured against yet (scripts/gpu_suite.sh); patch_grpo(override_fused_head="
-                         "True) routes through grpo_mel instead.", device.type)
+            _LOG.warning("grpo_mel: keeping TRL's fused LM head on %s: TRL runs its Triton kernel there, measured "
+                         "faster than grpo_mel's head at a similar peak (docs/benchmarks.md, \"GPU results\"); "
+                         "patch_grpo(override_fused_head=True) routes through grpo_mel instead.", device.type)
         else:
             _LOG.info("grpo_mel: replacing TRL's fused LM head on %s: TRL takes its torch fallback there (no Triton "
                       "kernel), which peaks far above grpo_mel's chunked head (docs/benchmarks.md); "

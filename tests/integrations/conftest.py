@@ -46,10 +46,18 @@ def tokenizer(vocab_size: int = 1024):
     return task.tiny_tokenizer(vocab_size)
 
 
-def dataset(n: int = 8, seed: int = 0):
+def dataset(n: int = 8, seed: int = 0, ragged: bool = False):
+    """``n`` arithmetic prompts, each 4 tokens; ``ragged``: prompt i gets ``i % 3`` extra ``+1`` terms (4, 6 or 8
+    tokens), so a batch of prompts is left-padded as TRL pads it."""
     from datasets import Dataset
 
-    return Dataset.from_list(task.arithmetic_prompts(n, seed=seed))
+    rows = task.arithmetic_prompts(n, seed=seed)
+    if ragged:
+        for i, r in enumerate(rows):
+            extra = i % 3
+            r["prompt"] = r["prompt"][:-1] + "+1" * extra + "="
+            r["answer"] = str(int(r["answer"]) + extra)
+    return Dataset.from_list(rows)
 
 
 def grpo_config(tmp_path, trainer: str = "grpo", **overrides):
@@ -105,8 +113,10 @@ def make_model(kind: str = "llama", tied: bool = False, vocab_size: int = 1024, 
     raise ValueError(kind)
 
 
-def make_trainer(tmp_path, model=None, peft_config=None, n_prompts: int = 8, trainer: str = "grpo", **cfg):
-    """A GRPOTrainer (``trainer="rloo"``: an RLOOTrainer) on a tiny model, the local task and its reward."""
+def make_trainer(tmp_path, model=None, peft_config=None, n_prompts: int = 8, trainer: str = "grpo",
+                 ragged_prompts: bool = False, **cfg):
+    """A GRPOTrainer (``trainer="rloo"``: an RLOOTrainer) on a tiny model, the local task and its reward
+    (``ragged_prompts``: see :func:`dataset`)."""
     trainer_cls = getattr(trl, f"{trainer.upper()}Trainer")
     if model is None:
         model = make_model()
@@ -121,7 +131,7 @@ def make_trainer(tmp_path, model=None, peft_config=None, n_prompts: int = 8, tra
             model=model,
             reward_funcs=[task.format_reward],
             args=args,
-            train_dataset=dataset(n_prompts),
+            train_dataset=dataset(n_prompts, ragged=ragged_prompts),
             processing_class=tokenizer(),
             peft_config=peft_config,
         )

@@ -61,8 +61,9 @@ def dataset(n: int = 8, seed: int = 0, ragged: bool = False):
 
 
 def grpo_config(tmp_path, trainer: str = "grpo", **overrides):
-    """A small, CPU, fp32 GRPOConfig (``trainer="rloo"``: RLOOConfig); keys the installed TRL does not know are
-    dropped (or must be defaults)."""
+    """A small, CPU, fp32 GRPOConfig (``trainer="rloo"``: RLOOConfig). A base setting the installed TRL does not
+    know is dropped; a test's own option (``overrides``) it does not know skips the test, naming it, unless it is
+    at the value that means "off" (``required`` below)."""
     config_cls = getattr(trl, f"{trainer.upper()}Config")
     kw = dict(
         output_dir=str(tmp_path),
@@ -91,13 +92,14 @@ def grpo_config(tmp_path, trainer: str = "grpo", **overrides):
     )
     kw.update(overrides)
     fields = {f.name for f in dataclasses.fields(config_cls)}
-    # options a test relies on: skip (naming it) where the installed TRL lacks the field, rather than drop it
+    # options whose "off" value may be dropped where the installed TRL lacks the field; any other value skips
     required = {
         "top_entropy_quantile": 1.0, "cast_lm_head_to_fp32": False, "entropy_coef": 0.0, "loss_type": "grpo",
     }
     for k in list(kw):
         if k not in fields:
-            if k in required and kw[k] != required[k]:
+            neutral = k in required and kw[k] == required[k]
+            if (k in overrides or k in required) and not neutral:
                 pytest.skip(f"TRL {trl.__version__} has no {config_cls.__name__}.{k}")
             kw.pop(k)
     return config_cls(**kw)

@@ -93,6 +93,14 @@ class _Options:
         """The weight of one chunk's 0-dim output in the total: its share of rows for "mean"."""
         return rows / n if self.reduction == "mean" else 1.0
 
+    def bounds(self, n: int) -> list[tuple[int, int]]:
+        """The chunks' ``(start, end)`` rows, in the forward's order: the short chunk (``n % chunk_size`` rows)
+        first, so the last chunk, whose graph the forward keeps, is a full one and the backward recomputes fewer
+        rows. ``n == 0``: one empty chunk (f still runs once, for the output shapes)."""
+        c = self.chunk_size
+        first = n % c or min(c, n)
+        return [(0, first)] + [(s, s + c) for s in range(first, n, c)]
+
 
 class MemoryEfficientLinear(torch.autograd.Function):
     """Chunked ``f(X·Wᵀ + b)`` with recompute-in-backward. See the module docstring.
@@ -120,9 +128,7 @@ class MemoryEfficientLinear(torch.autograd.Function):
         outs: list[torch.Tensor] | None = None
         scalar: list[bool] = []
         ctx.kept = None
-        # N == 0: f still runs once, on an empty chunk, for the output shapes
-        for start in range(0, max(n, 1), opts.chunk_size):
-            end = min(start + opts.chunk_size, n)
+        for start, end in opts.bounds(n):
             args_c = [a[start:end] for a in row_args]
             if opts.keep_graph and end >= n:  # the last chunk: its f graph is kept, the backward starts with it
                 ctx.guess = _Guess()
@@ -182,13 +188,12 @@ class MemoryEfficientLinear(torch.autograd.Function):
 def _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads: LinearGrads, d_args) -> None:
     """Recompute each chunk with autograd on, differentiate f with the upstream gradients, apply the GEMMs."""
     n, opts = X.shape[0], ctx.opts
-    starts = list(range(0, n, opts.chunk_size))
+    bounds = opts.bounds(n)
     if ctx.kept is not None:
         # the forward kept the last chunk's graph: differentiate it first, so it is freed before any recompute; the
         # recomputed chunks still run in the forward's order (f's random draws replay in sequence)
-        starts = starts[-1:] + starts[:-1]
-    for start in starts:
-        end = min(start + opts.chunk_size, n)
+        bounds = bounds[-1:] + bounds[:-1]
+    for start, end in bounds:
         x_c = X[start:end]
         if ctx.kept is not None:  # the forward's graph, used once (a second backward recomputes)
             graph, ctx.kept = ctx.kept, None
@@ -273,7 +278,7 @@ def chunked_linear(
         *row_args: tensors with X's leading shape (e.g. labels ``[...]``, per-row weights ``[..., k]``)
             sliced per chunk. Floating ones that require grad get gradients.
         bias: ``[V]`` or None.
-        chunk_size: rows per chunk (>= 1; the last chunk may be smaller). None: from ``memory_budget``.
+        chunk_size: rows per chunk (>= 1; the first chunk may be smaller). None: from ``memory_budget``.
         memory_budget: bytes for the per-chunk working set when ``chunk_size`` is None; None uses the
             default (a share of free memory on CUDA, 96 MiB on CPU). See :mod:`grpo_mel.planning`.
         reduction: how 0-dim outputs combine across chunks: ``"mean"`` (weighted by each chunk's share

@@ -220,14 +220,14 @@ def test_bad_memory_budget(xwl, budget, exc, msg):
 ], ids=["short", "long", "sum_rows", "transposed"])
 def test_f_rows_do_not_match_chunk(xwl, f):
     X, W, _, labels = xwl
-    with pytest.raises(ValueError, match=r"output 0 of the transformation function has shape .* for a chunk of 4 rows"):
-        chunked_linear(X, W, f, labels, chunk_size=4)
+    with pytest.raises(ValueError, match=r"output 0 of the transformation function has shape .* for a chunk of 2 rows"):
+        chunked_linear(X, W, f, labels, chunk_size=4)  # 6 rows: chunks of 2 (the short one first) and 4
 
 
-def test_f_rows_mismatch_on_last_chunk_only(xwl):
+def test_f_rows_mismatch_on_the_short_chunk_only(xwl):
     X, W, _, labels = xwl
     with pytest.raises(ValueError, match=r"for a chunk of 2 rows; per-row outputs must have the chunk's rows"):
-        chunked_linear(X, W, lambda z, y: z.new_zeros(4), labels, chunk_size=4)  # chunks 4, 2
+        chunked_linear(X, W, lambda z, y: z.new_zeros(4), labels, chunk_size=4)  # chunks 2, 4
 
 
 def test_f_second_output_rows_mismatch(xwl):
@@ -239,9 +239,9 @@ def test_f_second_output_rows_mismatch(xwl):
 def test_f_scalar_on_one_chunk_rows_on_another(xwl):
     X, W, _, labels = xwl
     with pytest.raises(ValueError, match=r"output 0 .* is a scalar on one chunk but has shape"):
-        chunked_linear(X, W, lambda z, y: z.sum() if z.shape[0] == 4 else z[:, 0], labels, chunk_size=4)
+        chunked_linear(X, W, lambda z, y: z.sum() if z.shape[0] == 2 else z[:, 0], labels, chunk_size=4)  # 2, 4
     with pytest.raises(ValueError, match=r"returned 2 outputs on one chunk and 1 on another"):
-        chunked_linear(X, W, lambda z, y: z[:, 0] if z.shape[0] == 4 else (z[:, 0], z[:, 1]), labels, chunk_size=4)
+        chunked_linear(X, W, lambda z, y: z[:, 0] if z.shape[0] == 2 else (z[:, 0], z[:, 1]), labels, chunk_size=4)
 
 
 @pytest.mark.parametrize("ret,name", [(3.0, "float"), (None, "NoneType"), ([], "list"), ((), "tuple"),

@@ -209,10 +209,10 @@ def test_parity_larger_vocab_and_values(case):
         assert_close_fp32(go, gr, what=name)
 
 
-@pytest.mark.parametrize("chunk_size,expected", [(1, [1] * (13 + 12)), (7, [7, 6, 7]), (13, [13]), (18, [13])])
+@pytest.mark.parametrize("chunk_size,expected", [(1, [1] * (13 + 12)), (7, [6, 7, 6]), (13, [13]), (18, [13])])
 def test_chunk_sizes_seen_by_f(chunk_size, expected):
-    """The forward sees every chunk; the backward recomputes all but the last (its graph is kept from the forward),
-    so with one chunk for all rows f runs once."""
+    """The forward sees every chunk, the short one first; the backward recomputes all but the last (its graph is
+    kept from the forward), so with one chunk for all rows f runs once."""
     X, W, _, labels = make_inputs((13,), H, V)
     rec = ChunkRecorder(G.token_logprobs)
     chunked_linear(X, W, rec, labels, chunk_size=chunk_size).sum().backward()

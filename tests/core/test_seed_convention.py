@@ -175,7 +175,7 @@ def test_chunk_size_fifth_arg_is_used():
     lin = nn.Linear(8, 30, bias=False)
     labels = torch.randint(0, 30, (2, 10))
     MemoryEfficientLinear.apply(X, lin, labels, f, 6).backward()
-    assert seen == [6, 6, 6, 2] + [6, 6, 6]  # the backward recomputes all but the kept last chunk
+    assert seen == [2, 6, 6, 6] + [2, 6, 6]  # the backward recomputes all but the kept last chunk
 
 
 def test_sum_reduction_sixth_arg():

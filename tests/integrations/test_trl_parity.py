@@ -3,7 +3,7 @@
 For each configuration: generate (same seed) unpatched and patched -> identical completion ids, the old-policy and
 reference log-probs and advantages match; then ``compute_loss`` + backward on the same prepared inputs -> the loss
 and every trainable parameter's gradient match at fp32 tolerance (rtol 1e-5, atol 1e-6). chunk_size=7 so the
-1024-way vocabulary head runs over several chunks with an uneven last one.
+1024-way vocabulary head runs over several chunks with an uneven (first) one.
 """
 
 from __future__ import annotations

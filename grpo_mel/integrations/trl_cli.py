@@ -2,13 +2,17 @@
 
     grpo-mel grpo --config recipe.yaml [any `trl grpo` argument]
     grpo-mel rloo --config recipe.yaml
+    grpo-mel grpo --config recipe.yaml --grpo_mel_chunk_size 1024     # grpo_mel's own options, see below
 
 TRL's CLI (1.14+: ``trl.cli``) parses the command line and starts ``accelerate launch trl/scripts/<command>.py``;
 its training commands look ``launch_training_script`` up in ``trl.cli.accelerate_launcher`` when they run. Here
 that one function is swapped for the duration of the call: the same ``accelerate launch`` with the same launch and
 script arguments, but running :mod:`grpo_mel.integrations.trl_run` as a module, which applies
 :func:`grpo_mel.patch_trl` in each process and then runs TRL's script. Every other command (``env``,
-``vllm-serve``) is TRL's, untouched.
+``vllm-serve``) is TRL's, untouched. grpo_mel's options (``--grpo_mel_chunk_size ROWS``, ``--grpo_mel_memory_budget
+BYTES``, ``--grpo_mel_override_fused_head auto|true|false``: :func:`grpo_mel.patch_grpo`'s arguments) are taken
+out of the command line and checked here, and reach every launched process through the environment
+(:data:`grpo_mel.integrations.trl_run.ENV`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,17 @@ def _launch(script_name: str, launch_args: list[str], training_script_args: list
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+    import sys
+
     import trl
+
+    from .trl_run import ENV, pop_options, parse_options
+
+    raw, argv = pop_options(list(sys.argv[1:] if argv is None else argv))
+    parse_options(raw)  # a bad value stops here, before anything is launched
+    for key, value in raw.items():
+        os.environ[ENV[key]] = value
 
     try:
         from trl.cli import accelerate_launcher

@@ -37,7 +37,7 @@ _real = trl_grpo.chunked_linear
 
 def _counted(*args, **kwargs):  # this test's counter, installed in the worker when TRL imports this module
     with open(os.environ["GRPO_MEL_TEST_CALLS"], "a") as f:
-        f.write(f"{os.getpid()}\\n")
+        f.write(f"{os.getpid()}:{kwargs.get('chunk_size')}\\n")
     return _real(*args, **kwargs)
 
 
@@ -91,8 +91,8 @@ def _run(d, argv, name):
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     out = subprocess.run(argv, cwd=d, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    pids = calls.read_text().split() if calls.exists() else []
-    return out, pids
+    calls = [line.split(":") for line in calls.read_text().split()] if calls.exists() else []
+    return out, calls
 
 
 def _logged_steps(out) -> int:
@@ -103,10 +103,14 @@ def _logged_steps(out) -> int:
 @pytest.mark.skipif(TRL_VERSION < Version("1.14"), reason="grpo-mel hands over to trl.cli (TRL >= 1.14)")
 def test_grpo_mel_grpo_is_trl_grpo_with_the_patched_head(run_dir):
     # a TRL flag on the command line overrides the recipe, as with `trl grpo`: one step
+    # grpo_mel's own option, anywhere on the line, reaches the worker (TRL never sees it: it would reject it)
     cli = [sys.executable, "-c", "import sys; from grpo_mel.integrations.trl_cli import main; sys.exit(main())"]
-    out, pids = _run(run_dir, cli + ["grpo", "--config", _recipe(run_dir, "grpo"), "--max_steps", "1"], "grpo")
-    assert pids, "the patched head never ran in the training process"
-    assert str(os.getpid()) not in pids  # it ran in the worker accelerate launched, not in this process
+    argv = ["grpo", "--grpo_mel_chunk_size", "3", "--config", _recipe(run_dir, "grpo"), "--max_steps", "1"]
+    out, calls = _run(run_dir, cli + argv, "grpo")
+    assert calls, "the patched head never ran in the training process"
+    assert str(os.getpid()) not in {pid for pid, _ in calls}  # it ran in the worker accelerate launched
+    assert {chunk for _, chunk in calls} == {"3"}, calls  # with the command line's chunk size
+    assert "grpo_mel: patched GRPOTrainer" in out.stderr and "chunk_size=3" in out.stderr
     assert _logged_steps(out) == 1  # the recipe says 5: the command line's --max_steps won, as with `trl grpo`
     assert os.path.exists(run_dir / "out-grpo" / "model.safetensors")  # TRL's script ran to its end
 
@@ -116,8 +120,9 @@ def test_accelerate_launch_module_runs_trl_rloo_with_the_patched_head(run_dir):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     argv = [accelerate, "launch", "--num_processes", "1", "-m", "grpo_mel.integrations.trl_run", "rloo",
             "--config", _recipe(run_dir, "rloo"), "--max_steps", "1"]
-    out, pids = _run(run_dir, argv, "rloo")
-    assert pids, "the patched head never ran in the training process"
+    out, calls = _run(run_dir, argv, "rloo")
+    assert calls, "the patched head never ran in the training process"
+    assert {chunk for _, chunk in calls} == {"None"}  # no option given: the planner's default
     assert _logged_steps(out) == 1
     assert os.path.exists(run_dir / "out-rloo" / "model.safetensors")
 
@@ -128,3 +133,40 @@ def test_the_console_script_is_declared():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     assert scripts["grpo-mel"] == "grpo_mel.integrations.trl_cli:main"
+
+
+def test_options_come_out_of_the_command_line_and_the_environment():
+    from grpo_mel.integrations.trl_run import options_from
+
+    env = {"GRPO_MEL_CHUNK_SIZE": "3", "GRPO_MEL_MEMORY_BUDGET": "1e8"}
+    argv = ["--config", "r.yaml", "--grpo_mel_chunk_size", "64", "--max_steps", "1",
+            "--grpo_mel_override_fused_head=False"]
+    opts, rest = options_from(argv, env)
+    assert opts == {"chunk_size": 64, "memory_budget": 1e8, "override_fused_head": False}  # the flag wins
+    assert rest == ["--config", "r.yaml", "--max_steps", "1"]  # what TRL's parser gets
+    assert options_from(["--config", "r.yaml"], {}) == ({}, ["--config", "r.yaml"])
+
+
+@pytest.mark.parametrize("argv,env,match", [
+    (["--grpo_mel_chunk_size", "0"], {}, r"--grpo_mel_chunk_size \(or GRPO_MEL_CHUNK_SIZE\): bad value '0'"),
+    (["--grpo_mel_chunk_size", "1.5"], {}, r"bad value '1.5'"),
+    ([], {"GRPO_MEL_MEMORY_BUDGET": "-1"}, r"--grpo_mel_memory_budget \(or GRPO_MEL_MEMORY_BUDGET\): bad value '-1'"),
+    (["--grpo_mel_override_fused_head", "maybe"], {}, r"must be one of auto, true, false"),
+    (["--max_steps", "1", "--grpo_mel_chunk_size"], {}, r"--grpo_mel_chunk_size needs a value"),
+])
+def test_bad_options_stop_with_the_option_named(argv, env, match):
+    from grpo_mel.integrations.trl_run import options_from
+
+    with pytest.raises(SystemExit, match=match):
+        options_from(argv, env)
+
+
+@pytest.mark.skipif(TRL_VERSION < Version("1.14"), reason="grpo-mel hands over to trl.cli (TRL >= 1.14)")
+def test_grpo_mel_checks_its_options_before_launching(monkeypatch):
+    from grpo_mel.integrations import trl_cli
+
+    launched = []
+    monkeypatch.setattr(trl_cli, "_launch", lambda *a, **k: launched.append(a))
+    with pytest.raises(SystemExit, match="bad value 'x'"):
+        trl_cli.main(["grpo", "--grpo_mel_chunk_size", "x", "--config", "r.yaml"])
+    assert not launched

@@ -17,18 +17,20 @@ __all__ = ["linear_cross_entropy", "linear_token_logprobs"]
 
 def linear_cross_entropy(
     X, weight, labels, bias=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-    chunk_size=None, memory_budget=None,
+    chunk_size=None, memory_budget=None, softcap=None, logit_scale=1.0,
 ):
     """Cross-entropy of ``X·Wᵀ + b`` against ``labels`` without the full logits.
 
-    ``reduction="mean"`` divides by the number of non-ignored labels over the whole batch (exact whatever
+    ``logit_scale`` and ``softcap`` transform the logits first (``softcap·tanh(z·scale/softcap)``, as Gemma 2 and
+    Cohere models do). ``reduction="mean"`` divides by the number of non-ignored labels over the whole batch (exact whatever
     the chunking), ``"sum"`` sums, ``"none"`` returns per-row losses shaped like ``labels``.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     _check_row_labels(X, labels)
     check_labels(labels, weight.shape[0], ignore_index)
-    fn = functools.partial(cross_entropy, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    fn = functools.partial(cross_entropy, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           softcap=softcap, logit_scale=logit_scale)
     per_row = chunked_linear(X, weight, fn, labels, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget)
     if reduction == "none":
         return per_row

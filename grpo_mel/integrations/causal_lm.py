@@ -54,9 +54,7 @@ import torch.nn.functional as F
 import transformers  # noqa: F401 - the `trl` extra (grpo_mel.__init__ names it when missing)
 from torch import nn
 
-from ..functions import cross_entropy
 from ..fused import linear_cross_entropy
-from ..linear import chunked_linear
 from ..planning import validate_chunk_size, validate_memory_budget
 from ._model import logit_transform, unwrap_peft
 
@@ -129,16 +127,9 @@ def causal_lm_loss(
     X = hidden_states[mask]
     y = shift_labels[mask]
     with ctx:
-        if softcap is None and logit_scale == 1.0:
-            total = linear_cross_entropy(
-                X, weight, y, bias=bias, reduction="sum", ignore_index=ignore_index,
-                chunk_size=chunk_size, memory_budget=memory_budget,
-            )
-        else:
-            fn = functools.partial(cross_entropy, ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale)
-            total = chunked_linear(
-                X, weight, fn, y, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget
-            ).sum()
+        total = linear_cross_entropy(X, weight, y, bias=bias, reduction="sum", ignore_index=ignore_index,
+                                     chunk_size=chunk_size, memory_budget=memory_budget, softcap=softcap,
+                                     logit_scale=logit_scale)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)

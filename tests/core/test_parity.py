@@ -112,6 +112,11 @@ CASES = {
     "ce_fn_softcap_scale": (  # a model's own logit transform (Gemma-2 softcapping, Cohere's scale)
         _chunked(functools.partial(G.cross_entropy, softcap=5.0, logit_scale=1.7)),
         _naive(functools.partial(ref_cross_entropy, softcap=5.0, logit_scale=1.7)), True),
+    "ce_front_door_softcap_scale_mean": (  # the same through linear_cross_entropy (patch_causal_lm's path)
+        lambda X, W, b, labels, extra, kw: linear_cross_entropy(
+            X, W, labels, bias=b, reduction="mean", softcap=5.0, logit_scale=1.7, **kw),
+        lambda X, W, b, labels, extra: _naive(functools.partial(ref_cross_entropy, softcap=5.0, logit_scale=1.7))(
+            X, W, b, labels, extra).sum() / (labels != -100).sum(), True),
     "logprobs": (_chunked(G.token_logprobs), _naive(ref_token_logprobs), False),
     "logprobs_T_softcap_scale": (
         _chunked(functools.partial(G.token_logprobs, **SCALE)),

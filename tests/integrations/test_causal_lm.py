@@ -271,6 +271,11 @@ def test_causal_lm_loss_function_directly():
     torch.testing.assert_close(got, ref)
     with pytest.raises(ValueError):
         causal_lm_loss(h[:, :3], w, labels)
+    bad = labels.clone()
+    bad[1, 4] = V  # one past the vocabulary: named, with or without a softcap (one code path for both)
+    for softcap in (None, 30.0):
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, {V}\) or ignore_index=-100; found {V}"):
+            causal_lm_loss(h, w, bad, softcap=softcap)
 
 
 def test_rejects_non_causal_lm():

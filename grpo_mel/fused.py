@@ -22,8 +22,8 @@ def linear_cross_entropy(
     """Cross-entropy of ``X·Wᵀ + b`` against ``labels`` without the full logits.
 
     ``logit_scale`` and ``softcap`` transform the logits first (``softcap·tanh(z·scale/softcap)``, as Gemma 2 and
-    Cohere models do). ``reduction="mean"`` divides by the number of non-ignored labels over the whole batch (exact whatever
-    the chunking), ``"sum"`` sums, ``"none"`` returns per-row losses shaped like ``labels``.
+    Cohere models do). ``reduction="mean"`` divides by the number of non-ignored labels over the whole batch
+    (exact whatever the chunking), ``"sum"`` sums, ``"none"`` returns per-row losses shaped like ``labels``.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

@@ -48,30 +48,26 @@ def pop_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def parse_options(raw: dict[str, str]) -> dict:
     """Raw option strings -> ``patch_trl`` keyword arguments; a bad value exits naming the option and the value."""
-    from ..planning import validate_chunk_size, validate_memory_budget
-
-    def fused(value: str):
-        if value.strip().lower() not in _FUSED:
-            raise ValueError(f"must be one of {', '.join(_FUSED)}")
-        return _FUSED[value.strip().lower()]
-
-    def checked(cast, validate):
-        def parse(value: str):
-            v = cast(value)
-            validate(v)
-            return v
-        return parse
-
-    parsers = {"chunk_size": checked(int, validate_chunk_size),
-               "memory_budget": checked(float, validate_memory_budget), "override_fused_head": fused}
     flag = {v: k for k, v in FLAGS.items()}
     opts: dict = {}
     for key, value in raw.items():
         try:
-            opts[key] = parsers[key](value)
+            opts[key] = _parse(key, value)
         except (TypeError, ValueError) as e:
             raise SystemExit(f"grpo_mel: {flag[key]} (or {ENV[key]}): bad value {value!r}: {e}") from None
     return opts
+
+
+def _parse(key: str, value: str):
+    from ..planning import validate_chunk_size, validate_memory_budget
+
+    if key == "override_fused_head":
+        if value.strip().lower() not in _FUSED:
+            raise ValueError(f"must be one of {', '.join(_FUSED)}")
+        return _FUSED[value.strip().lower()]
+    parsed = int(value) if key == "chunk_size" else float(value)
+    (validate_chunk_size if key == "chunk_size" else validate_memory_budget)(parsed)
+    return parsed
 
 
 def options_from(argv: list[str], environ=os.environ) -> tuple[dict, list[str]]:

@@ -188,10 +188,12 @@ class Case:
     g: torch.Tensor  # upstream gradient for per-row outputs
 
 
-def make_case(task, n, h, v, dtype, device, seed=0) -> Case:
+def make_case(task, n, h, v, dtype, device, seed=0, frozen_weight=False) -> Case:
+    """``frozen_weight``: W without gradient (the LM head of a LoRA policy): the step computes dX only."""
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(n, h, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-    W = (torch.randn(v, h, generator=gen) * (2.0 / math.sqrt(h))).to(device=device, dtype=dtype).requires_grad_(True)
+    W = (torch.randn(v, h, generator=gen) * (2.0 / math.sqrt(h))).to(device=device, dtype=dtype)
+    W.requires_grad_(not frozen_weight)
     labels = torch.randint(0, v, (n,), generator=gen)
     if task == "ce":
         labels[torch.rand(n, generator=gen) < 0.1] = IGNORE
@@ -239,12 +241,15 @@ def check(variant: Variant, case: Case, ref, tol: float) -> tuple[dict, tuple | 
         chk["diff_ent"] = _max_diff(outs[1], r_outs[1]) if len(outs) > 1 and len(r_outs) > 1 else float("nan")
         chk["diff_dX"] = _max_diff(dX, r_dX)
         chk["diff_dW"] = _max_diff(dW, r_dW)
-        rels = [_rel(outs[0], r_outs[0]), _rel(dX, r_dX), _rel(dW, r_dW)]
+        rels = [_rel(outs[0], r_outs[0]), _rel(dX, r_dX)] + ([_rel(dW, r_dW)] if r_dW is not None else [])
+        if (dW is None) != (r_dW is None):
+            rels.append(float("inf"))  # one side computed dW and the other did not
         if len(outs) > 1 and len(r_outs) > 1:
             rels.append(_rel(outs[1], r_outs[1]))
         chk["max_rel_diff"] = max(rels)
         chk["ok"] = "ok" if chk["max_rel_diff"] <= tol else "WRONG"
-    result = (outs, dX.detach().clone(), dW.detach().clone()) if variant.name == "naive" else None
+    result = ((outs, dX.detach().clone(), None if dW is None else dW.detach().clone()) if variant.name == "naive"
+              else None)
     del outs, dX, dW
     _clear(case)
     return chk, result
@@ -278,10 +283,10 @@ def peak_of(variant: Variant, case: Case) -> int:
     return peak
 
 
-FIELDS = ["device", "dtype", "torch", "task", "N", "H", "V", "variant", "chunk", "peak_MiB", "peak_vs_naive",
+FIELDS = ["device", "dtype", "torch", "task", "N", "H", "V", "variant", "chunk", "head", "peak_MiB", "peak_vs_naive",
           "peak_vs_trl", "time_s", "time_vs_naive", "time_vs_trl", "times", "diff_out", "diff_ent", "diff_dX",
           "diff_dW", "max_rel_diff", "ok", "note", "cpu_s", "cpu_vs_naive"]
-NUMERIC = set(FIELDS[9:21]) - {"times"} | {"cpu_s", "cpu_vs_naive"}
+NUMERIC = set(FIELDS[10:22]) - {"times"} | {"cpu_s", "cpu_vs_naive"}
 
 
 def run_all(args, on_shape: Callable[[list[dict]], None] | None = None) -> list[dict]:
@@ -295,7 +300,8 @@ def run_all(args, on_shape: Callable[[list[dict]], None] | None = None) -> list[
             var.unavailable = "skipped (--skip)"
     rows: list[dict] = []
     for task, n, v in args.runs:
-        case = make_case(task, n, args.hidden, v, dtype, device)
+        case = make_case(task, n, args.hidden, v, dtype, device, frozen_weight=args.frozen_weight)
+        head = "frozen" if args.frozen_weight else "trainable"
         ref = None
         live: list[tuple[Variant, dict]] = []
         print(f"\n== {task}  N={n} H={args.hidden} V={v} {args.dtype} on {device} ==", flush=True)
@@ -306,7 +312,7 @@ def run_all(args, on_shape: Callable[[list[dict]], None] | None = None) -> list[
             if var.chunk == "auto":
                 chunk = f"auto ({plan_chunk_size(n, v, dtype, device)})"
             row = dict(device=str(device), dtype=args.dtype, torch=torch.__version__, task=task, N=n, H=args.hidden,
-                       V=v, variant=var.name, chunk=chunk, note="")
+                       V=v, variant=var.name, chunk=chunk, head=head, note="")
             if var.unavailable:
                 row["note"] = f"skipped: {var.unavailable}"
                 rows.append(row)
@@ -392,6 +398,7 @@ def read_csv(path) -> list[dict]:
                     row[k] = val
             row.setdefault("note", "")
             row.setdefault("chunk", "")
+            row.setdefault("head", "trainable")  # rows written before the column existed
             rows.append(row)
     return rows
 
@@ -413,11 +420,14 @@ def markdown(rows, header: str) -> str:
     out = [header, ""]
     groups: dict[tuple, list] = {}
     for r in rows:
-        groups.setdefault((r["task"], r["N"], r["H"], r["V"], r["dtype"], r["device"]), []).append(r)
-    order = sorted(groups, key=lambda k: (TASKS.index(k[0]) if k[0] in TASKS else 99, k[3], k[1], k[4], k[5]))
-    for (task, n, h, v, dt, dev) in order:
-        rs = groups[(task, n, h, v, dt, dev)]
-        out += [f"### {task}, N={n}, H={h}, V={v}, {dt}, {dev}", "",
+        groups.setdefault((r["task"], r["N"], r["H"], r["V"], r["dtype"], r["device"], r.get("head", "trainable")),
+                          []).append(r)
+    order = sorted(groups, key=lambda k: (TASKS.index(k[0]) if k[0] in TASKS else 99, k[3], k[1], k[4], k[5], k[6]))
+    for key in order:
+        task, n, h, v, dt, dev, head = key
+        rs = groups[key]
+        frozen = ", W frozen (dX only)" if head == "frozen" else ""
+        out += [f"### {task}, N={n}, H={h}, V={v}, {dt}, {dev}{frozen}", "",
                 "| variant | chunk | peak MiB | peak / naive | peak / TRL | time s | time / naive | time / TRL "
                 "| CPU time / naive | max abs diff out / dX / dW | check |",
                 "|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|"]
@@ -484,6 +494,8 @@ def main(argv=None):
     p.add_argument("--chunks", type=int, nargs="+", help="grpo_mel chunk sizes (plus auto)")
     p.add_argument("--repeats", type=int)
     p.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
+    p.add_argument("--frozen-weight", action="store_true",
+                   help="W without gradient (a LoRA policy's LM head): every variant computes outputs and dX only")
     p.add_argument("--skip", nargs="+", metavar="VARIANT", help="variants not to run (e.g. trl_fused), reported as skipped")
     p.add_argument("--csv")
     p.add_argument("--append", action="store_true",
@@ -535,7 +547,9 @@ def main(argv=None):
     old = read_csv(args.csv) if args.append and args.csv and os.path.exists(args.csv) else []
 
     def merged(rows):
-        key = lambda r: (r["device"], r["dtype"], r["task"], r["N"], r["H"], r["V"], r["variant"])  # noqa: E731
+        def key(r):
+            return r["device"], r["dtype"], r["task"], r["N"], r["H"], r["V"], r["head"], r["variant"]
+
         new = {key(r) for r in rows}
         return [r for r in old if key(r) not in new] + rows
 

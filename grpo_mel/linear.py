@@ -19,7 +19,9 @@ gradient hooks, DDP and gradient accumulation see an ordinary gradient. Work is 
 not needed: no dW for a frozen W, no dX for an X that does not require grad, and outputs that
 received no gradient (e.g. an entropy that is only logged) are not differentiated. Where a backward will
 follow, the forward keeps the last chunk's f graph, so that chunk is not recomputed (all rows when one chunk
-holds them; docs/design.md, "The kept last chunk").
+holds them; docs/design.md, "The kept last chunk"). With a frozen head (no dW or db: a LoRA policy's LM head)
+the forward differentiates each chunk's f with a unit upstream gradient per row and keeps ``dZ_c·W`` ([N, H]);
+the backward multiplies the upstream gradients in and recomputes nothing (docs/design.md, "The frozen head").
 
 Two front doors share one Function: :func:`chunked_linear` ``(X, weight, fn, *row_args, bias=None,
 chunk_size=None, ...)`` where ``fn(z_c, *row_args_c)`` receives the chunk's logits ([c, V], X's dtype) and
@@ -29,55 +31,18 @@ forward_function)``, the seed notebook's convention (:mod:`grpo_mel.seed`).
 
 from __future__ import annotations
 
-import contextvars
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ._checks import as_outputs, check_chunk_outputs, validate_inputs
-from ._chunk_graph import ChunkGraph
+from ._chunk_graph import LIVE_OUTPUTS, ChunkGraph, Guess, output_needs_grad
+from ._grads_ahead import GradsAhead
 from ._linear_grads import LinearGrads, chunk_logits
 from .planning import plan_chunk_size, validate_chunk_size, validate_memory_budget
 
 __all__ = ["MemoryEfficientLinear", "chunked_linear", "output_needs_grad"]
-
-#: Indices of f's outputs that receive a gradient, while the backward recomputes a chunk (or the forward builds
-#: the kept last chunk's graph: a _Guess); None otherwise.
-_LIVE_OUTPUTS: contextvars.ContextVar = contextvars.ContextVar("grpo_mel_live_outputs", default=None)
-
-
-class _Guess:
-    """``output_needs_grad`` while the forward builds the kept last chunk's graph, before anyone knows which outputs
-    will get a gradient: the first output is assumed to, any other output f asks about is assumed not to (a logged
-    entropy, GRPO's case) and remembered; if one of those does get a gradient, the backward recomputes the chunk."""
-
-    def __init__(self):
-        self.assumed_without_grad: set[int] = set()
-
-    def __contains__(self, index: int) -> bool:
-        if index == 0:
-            return True
-        self.assumed_without_grad.add(index)
-        return False
-
-
-def output_needs_grad(index: int) -> bool:
-    """For use inside a transformation function f: will f's output ``index`` be differentiated?
-
-    While :class:`MemoryEfficientLinear`'s backward recomputes a chunk, True only for the outputs that
-    received an upstream gradient (e.g. False for an entropy that is only logged). While the forward builds the
-    graph it keeps for the backward (the last chunk), True for output 0 and False for the others (should one of
-    them get a gradient after all, the backward recomputes that chunk). Elsewhere (the forward's other chunks,
-    or f called on its own) ``torch.is_grad_enabled()``: False in the chunked forward (``no_grad``). An f may compute an
-    output that is not differentiated under ``torch.no_grad()``, so its graph (and the ``[c, V]`` tensors the
-    graph would save) is never built. The value must be the same either way: only the graph may differ.
-    """
-    live = _LIVE_OUTPUTS.get()
-    if live is None:
-        return torch.is_grad_enabled()
-    return index in live
-
 
 @dataclass(frozen=True)
 class _Options:
@@ -88,6 +53,7 @@ class _Options:
     reduction: str  # how 0-dim outputs combine over chunks: "mean" | "sum"
     fp32_grad_input: bool  # see chunked_linear
     keep_graph: bool = False  # the forward builds the last chunk's f graph and the backward uses it (no recompute)
+    grad_in_forward: bool = False  # frozen head: the forward differentiates f per chunk (unit upstream gradient)
 
     def scalar_weight(self, rows: int, n: int) -> float:
         """The weight of one chunk's 0-dim output in the total: its share of rows for "mean"."""
@@ -125,18 +91,23 @@ class MemoryEfficientLinear(torch.autograd.Function):
         # recomputed chunk is the one forward computed (e.g. a bf16 matmul under autocast, not an fp32 one)
         ctx.rng = _rng_state(X.device)
         ctx.autocast = _autocast_state(X.device)
+        # the dtype the forward's GEMM produces (the autocast dtype under autocast): the backward's GEMMs run in it too
+        ctx.gemm_dtype = _gemm_dtype(X, weight, bias)
         outs: list[torch.Tensor] | None = None
         scalar: list[bool] = []
-        ctx.kept = None
+        ctx.kept, ctx.ahead = None, None
+        ctx.guess = Guess()
+        if opts.grad_in_forward:
+            ctx.ahead = GradsAhead(ctx, X, weight, bias, row_args, opts.fp32_grad_input)
         for start, end in opts.bounds(n):
             args_c = [a[start:end] for a in row_args]
-            if opts.keep_graph and end >= n:  # the last chunk: its f graph is kept, the backward starts with it
-                ctx.guess = _Guess()
-                token = _LIVE_OUTPUTS.set(ctx.guess)
-                try:
-                    ctx.kept = ChunkGraph(opts.fn, X[start:end], weight, bias, args_c, ctx.needs_input_grad[4:])
-                finally:
-                    _LIVE_OUTPUTS.reset(token)
+            if ctx.ahead is not None:  # frozen head: this chunk's f is differentiated now, nothing is recomputed
+                res = ctx.ahead.chunk(opts.fn, X, args_c, start, end, opts.scalar_weight(end - start, n))
+                if not ctx.ahead.applies:  # f's first output is not one value per row or a scalar: the general path
+                    ctx.ahead = None
+            elif opts.keep_graph and end >= n:  # the last chunk: its f graph is kept, the backward starts with it
+                ctx.kept = ChunkGraph(opts.fn, X[start:end], weight, bias, args_c, ctx.needs_input_grad[4:],
+                                      live=ctx.guess)
                 res = [r.detach() for r in ctx.kept.res]
             else:
                 res = as_outputs(opts.fn(chunk_logits(X[start:end], weight, bias), *args_c))
@@ -152,8 +123,6 @@ class MemoryEfficientLinear(torch.autograd.Function):
                     o[start:end].copy_(r)
 
         ctx.opts, ctx.scalar = opts, scalar
-        # the dtype the forward's GEMM produced (the autocast dtype under autocast): the backward's GEMMs run in it too
-        ctx.gemm_dtype = _gemm_dtype(X, weight, bias)
         ctx.save_for_backward(X, weight, bias, *row_args)
         ctx.set_materialize_grads(False)
         non_diff = [o for o in outs if not o.is_floating_point()]
@@ -169,19 +138,23 @@ class MemoryEfficientLinear(torch.autograd.Function):
         if not live:
             return (None,) * len(ctx.needs_input_grad)
 
+        if ctx.ahead is not None:
+            if live == [0]:  # the outputs the forward differentiated for: multiply the upstream gradients in
+                return (None, *ctx.ahead.result(grad_outs[0]))
+            ctx.ahead = None  # another output got a gradient: recompute every chunk (the forward's RNG replays)
         if ctx.kept is not None and ctx.guess.assumed_without_grad.intersection(live):
             ctx.kept = None  # f built the kept graph assuming an output would get no gradient, and it got one
         grads = LinearGrads(X, weight, bias, need_x, need_w, need_b, ctx.gemm_dtype, ctx.opts.fp32_grad_input)
         d_args = [torch.zeros_like(a) if need else None for a, need in zip(row_args, arg_needs)]
         if X.shape[0] > 0:
-            token = _LIVE_OUTPUTS.set(frozenset(live))  # what output_needs_grad answers inside f
+            token = LIVE_OUTPUTS.set(frozenset(live))  # what output_needs_grad answers inside f
             devices = [X.device] if X.device.type == "cuda" else []
             try:
                 with torch.random.fork_rng(devices=devices, device_type=X.device.type):
                     _restore_rng(X.device, ctx.rng)
                     _backward_chunks(ctx, X, row_args, arg_needs, grad_outs, live, grads, d_args)
             finally:
-                _LIVE_OUTPUTS.reset(token)
+                LIVE_OUTPUTS.reset(token)
         return (None, *grads.result(), *d_args)
 
 
@@ -274,7 +247,9 @@ def chunked_linear(
         weight: ``[V, H]`` projection (the LM head weight); may be frozen, tied or shared.
         fn: ``fn(z_c, *row_args_c)`` with ``z_c`` the chunk's logits ``[c, V]`` in X's dtype (``fn`` does
             its own float32 upcast). Returns a tensor or a tuple of tensors, each either per-row
-            (first dim ``c``) or a 0-dim scalar. Plain torch; autograd differentiates it.
+            (first dim ``c``) or a 0-dim scalar. Plain torch; autograd differentiates it. Row ``i`` of a
+            per-row output must depend on row ``i`` of the logits and of ``row_args`` only (so that it does not
+            change with the chunking; the frozen-head path relies on it for the gradient too).
         *row_args: tensors with X's leading shape (e.g. labels ``[...]``, per-row weights ``[..., k]``)
             sliced per chunk. Floating ones that require grad get gradients.
         bias: ``[V]`` or None.
@@ -303,8 +278,10 @@ def chunked_linear(
     # it (all of it when one chunk holds every row)
     keep = n > 0 and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (X2, weight, bias, *flat_args))
+    # a frozen head (no dW, no db): the forward differentiates f, and the backward recomputes nothing
+    frozen_head = not weight.requires_grad and (bias is None or not bias.requires_grad)
     opts = _Options(fn=fn, chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input),
-                    keep_graph=keep)
+                    keep_graph=keep, grad_in_forward=keep and frozen_head)
     outs = MemoryEfficientLinear.apply(opts, X2, weight, bias, *flat_args)
     outs = tuple(o if o.dim() == 0 else o.view(*lead, *o.shape[1:]) for o in outs)
     return outs[0] if len(outs) == 1 else outs

@@ -8,6 +8,8 @@ its own process with a time cap, in this order (a failing step is recorded and t
 2. ``parity``: ``tests/core/test_parity.py`` on the device (``GRPO_MEL_TEST_DEVICE``): fp32, bf16, fp16, autocast.
 3. ``head-1``: ``benchmarks/bench_lm_head.py --preset gpu`` (Llama-3.2-1B head, H=2048, V=128256, bf16:
    naive, TRL's fused head, grpo_mel, Liger-Kernel and cut-cross-entropy where they import).
+3b. ``head-1-frozen``: the same head with W frozen (a LoRA policy's head: grpo_mel recomputes nothing there),
+   log-probs at N=4096 and 16384, naive / TRL fused / grpo_mel; its rows go into head-1's CSV (column ``head``).
 4. ``grpo``: ``examples/grpo_reward_task.py --model llama-1b-random --compare --override-fused-head true``
    (grpo_mel against unpatched TRL, whose Triton fused head runs on CUDA; peak VRAM per step).
 5. ``sft``: ``examples/sft_loss_match.py --model llama-1b-random`` (4-bit when bitsandbytes imports).
@@ -54,23 +56,27 @@ PROBES = ("trl", "datasets", "bitsandbytes", "liger_kernel.ops.fused_linear_cros
 GPU = dict(
     budget_s=570,
     parity=["tests/core/test_parity.py"],
-    heads={"head-1": ["--preset", "gpu"], "head-2": ["--preset", "gpu-h4096"]},
+    heads={"head-1": ["--preset", "gpu"],
+           "head-1-frozen": ["--preset", "gpu", "--frozen-weight", "--tasks", "logprobs", "--tokens", "4096", "16384",
+                             "--repeats", "3", "--skip", "liger", "cce"],
+           "head-2": ["--preset", "gpu-h4096"]},
     grpo=["--model", "llama-1b-random", "--finetune", "lora", "--bf16", "--num-generations", "8",
           "--max-completion-length", "512", "--steps", "2", "--compare", "--override-fused-head", "true"],
     sft=["--model", "llama-1b-random", "--steps", "4"],
-    caps={"install": 60, "parity": 60, "head-1": 170, "grpo": 150, "sft": 110, "head-2": 200},
+    caps={"install": 60, "parity": 60, "head-1": 170, "head-1-frozen": 60, "grpo": 150, "sft": 110, "head-2": 200},
 )
 _TINY_HEAD = ["--device", "cpu", "--dtype", "float32", "--tokens", "96", "--chunks", "64", "--repeats", "1"]
 SMOKE = dict(
     budget_s=600,  # the smoke's caps only catch a hang: a shared CI machine can be 2-3x slower than an idle one
     parity=["tests/core/test_parity.py", "-k", "bias_every_chunking or (bf16 and ce_mean)"],
     heads={"head-1": _TINY_HEAD + ["--hidden", "32", "--vocab", "500"],
+           "head-1-frozen": _TINY_HEAD + ["--hidden", "32", "--vocab", "500", "--frozen-weight", "--tasks", "logprobs"],
            "head-2": _TINY_HEAD + ["--hidden", "48", "--vocab", "700"]},
     grpo=["--compare", "--steps", "2", "--num-generations", "2", "--prompts-per-step", "2",
           "--max-completion-length", "8", "--num-prompts", "16", "--beta", "0.04", "--no-warmup",
           "--override-fused-head", "true"],
     sft=["--steps", "2", "--num-rows", "16", "--max-length", "64", "--no-warmup"],
-    caps={"install": 30, "parity": 180, "head-1": 180, "grpo": 180, "sft": 180, "head-2": 180},
+    caps={"install": 30, "parity": 180, "head-1": 180, "head-1-frozen": 180, "grpo": 180, "sft": 180, "head-2": 180},
 )
 
 
@@ -216,7 +222,7 @@ def check_head(step: Step, rc: int) -> str | None:
     from bench_lm_head import read_csv  # benchmarks/ is on sys.path (main)
 
     csv_path = step.data["csv"]
-    rows = read_csv(csv_path) if os.path.exists(csv_path) else []
+    rows = [r for r in (read_csv(csv_path) if os.path.exists(csv_path) else []) if r["head"] == step.data["head"]]
     step.data["rows"] = rows
     if rc == -1:
         return None  # timed out: run_step has the reason; the finished shapes are reported
@@ -376,10 +382,13 @@ def build_steps(sizes: dict, smoke: bool, out: str, work: str, py: str) -> list[
         preset = PRESETS.get(a.get("--preset"), {})
         h, v = a.get("--hidden") or preset["hidden"], a.get("--vocab") or preset["runs"][0][2]
         csv_path = os.path.join(out, f"head_h{h}_v{v}.csv")
-        heads[name] = Step(name, f"LM head forward + backward, H={h}, V={v}",
-                           [py, os.path.join("benchmarks", "bench_lm_head.py"), *argv, "--csv", csv_path],
-                           "head.log", check_head, data={"csv": csv_path})
-    steps.append(heads["head-1"])
+        frozen = "--frozen-weight" in argv  # its rows go into the same CSV as the trainable head's (8 files at most)
+        title = f"LM head forward + backward, H={h}, V={v}" + (", W frozen (dX only)" if frozen else "")
+        heads[name] = Step(name, title,
+                           [py, os.path.join("benchmarks", "bench_lm_head.py"), *argv, "--csv", csv_path,
+                            *(["--append"] if frozen else [])],
+                           "head.log", check_head, data={"csv": csv_path, "head": "frozen" if frozen else "trainable"})
+    steps += [heads["head-1"], heads["head-1-frozen"]]
     for name, example, title in (("grpo", "grpo_reward_task", "GRPO reward task"),
                                  ("sft", "sft_loss_match", "SFT loss match")):
         argv = list(sizes[name])

@@ -29,12 +29,19 @@ def tuple_row_and_scalar(z, labels):
     return margin, F.cross_entropy(zf, labels, reduction="mean")
 
 
-def _compare(f, X, W, row_args, *, b=None, chunk_size=4, reduction="mean", weights=None, ref_f=None):
-    """ours vs naive for f with random upstream weights; gradients w.r.t. X, W, b and every float row arg."""
+def _compare(f, X, W, row_args, *, b=None, chunk_size=4, reduction="mean", weights=None, ref_f=None,
+             frozen_head=False):
+    """ours vs naive for f with random upstream weights; gradients w.r.t. X, W, b and every float row arg.
+
+    ``frozen_head``: W and b get no gradient (a LoRA policy's LM head), on both sides."""
     ref_f = ref_f or f
     sides = {}
     for side in ("ours", "ref"):
         Xs, Ws, bs = leaf_clone(X), leaf_clone(W), leaf_clone(b)
+        if frozen_head:
+            Ws.requires_grad_(False)
+            if bs is not None:
+                bs.requires_grad_(False)
         args = [leaf_clone(a) if a.is_floating_point() else a for a in row_args]
         if side == "ours":
             out = chunked_linear(Xs, Ws, f, *args, bias=bs, chunk_size=chunk_size, reduction=reduction)
@@ -318,3 +325,115 @@ def test_f_with_random_draws_sees_the_same_draws_in_backward():
     assert_close_fp32(out, ref)
     for go, gr in zip(got, grads(ref.sum(), [Xr, Wr, br])):
         assert_close_fp32(go, gr)
+
+
+# --------------------------------------------------------------------------------------------------
+# a frozen head (W and b without gradient): the forward differentiates f, the backward recomputes nothing
+# --------------------------------------------------------------------------------------------------
+
+def _ce_sum(z, y):
+    return F.cross_entropy(z.float(), y, reduction="sum")
+
+
+def _ce_mean(z, y):
+    return F.cross_entropy(z.float(), y, reduction="mean")
+
+
+def _scaled_logprob(z, w, s):
+    return (F.log_softmax(z.float(), -1) * w).sum(-1) * s.exp()
+
+
+def _multi_dim(z):
+    return z.float().topk(6, dim=-1).values.view(-1, 2, 3).softmax(-1)
+
+
+def _frozen_cases():
+    """(name, f, row-arg builder(labels) -> list, chunk sizes, reduction)"""
+    return [
+        ("scalar_sum", _ce_sum, lambda y: [y], "sum"),
+        ("scalar_mean_uneven", _ce_mean, lambda y: [y], "mean"),
+        ("row_and_scalar", tuple_row_and_scalar, lambda y: [y], "mean"),  # both get gradients: the general path
+        ("row_arg_with_trailing_dim_needs_grad", squared_weighted_logprob,
+         lambda y: [torch.randn(*y.shape, V, requires_grad=True)], "mean"),
+        ("two_row_args_need_grad", _scaled_logprob,
+         lambda y: [torch.randn(*y.shape, V, requires_grad=True), torch.randn(*y.shape, requires_grad=True)], "mean"),
+        ("per_row_vector_output", _multi_dim, lambda y: [], "mean"),  # not one value per row: the general path
+        ("keeps_logits", keeps_logits, lambda y: [], "mean"),
+        ("two_paths", logits_through_two_paths, lambda y: [y], "mean"),
+    ]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 13, 100])
+@pytest.mark.parametrize("name,f,args,reduction", _frozen_cases(), ids=[c[0] for c in _frozen_cases()])
+def test_frozen_head(name, f, args, reduction, chunk_size):
+    X, W, b, labels = make_inputs((13,), H, V, bias=True)
+    sides = _compare(f, X, W, args(labels), b=b, chunk_size=chunk_size, reduction=reduction, frozen_head=True)
+    assert sides["ours"][1][1] is None and sides["ours"][1][2] is None  # no dW, no db
+
+
+def test_frozen_head_output_not_depending_on_logits():
+    """W frozen, f's output depends on a row arg only: dX is zeros, the row arg's gradient exact."""
+    X, W, _, _ = make_inputs((7,), H, V)
+    W.requires_grad_(False)
+    w = torch.randn(7, 3, requires_grad=True)
+    out = chunked_linear(X, W, lambda z, w: (w ** 2).sum(-1), w, chunk_size=2)
+    dX, dw = torch.autograd.grad((out * torch.arange(7.0)).sum(), [X, w])
+    assert torch.count_nonzero(dX) == 0 and dX.shape == X.shape
+    assert_close_fp32(dw, 2 * w.detach() * torch.arange(7.0)[:, None])
+
+
+def test_frozen_head_runs_f_once_per_chunk():
+    """With W frozen, f runs on each chunk in the forward only; a second backward (retain_graph) multiplies the
+    same stored products in again, without recomputing."""
+    X, W, _, labels = make_inputs((10,), H, V)
+    W.requires_grad_(False)
+    rec = ChunkRecorder(lambda z, y: F.cross_entropy(z.float(), y, reduction="none"))
+    out = chunked_linear(X, W, rec, labels, chunk_size=4)
+    w = torch.randn(10)
+    (dX,) = torch.autograd.grad((out * w).sum(), [X], retain_graph=True)
+    (dX2,) = torch.autograd.grad((out * 2 * w).sum(), [X])
+    assert rec.rows == [2, 4, 4]
+    assert_close_fp32(dX2, 2 * dX)
+    Xr = leaf_clone(X)
+    (dXr,) = torch.autograd.grad((naive_apply(Xr, W, rec.f, labels) * w).sum(), [Xr])
+    assert_close_fp32(dX, dXr)
+
+
+def test_frozen_head_output_assumed_without_gradient_gets_one():
+    """The forward differentiates f's first output only (a logged second output builds no graph); when the second
+    one gets a gradient after all, the backward recomputes every chunk and the gradients are still exact."""
+    from grpo_mel import functions as G
+
+    X, W, _, labels = make_inputs((10,), H, V)
+    W.requires_grad_(False)
+    rec = ChunkRecorder(G.token_logprobs_and_entropy)
+    lp, ent = chunked_linear(X, W, rec, labels, chunk_size=4)
+    assert rec.rows == [2, 4, 4]
+    w = torch.randn(10)
+    (dX,) = torch.autograd.grad((lp * w).sum() + ent.sum(), [X])
+    assert rec.rows == [2, 4, 4, 2, 4, 4]
+    Xr = leaf_clone(X)
+    lp_r, ent_r = naive_apply(Xr, W, G.token_logprobs_and_entropy, labels)
+    (dXr,) = torch.autograd.grad((lp_r * w).sum() + ent_r.sum(), [Xr])
+    assert_close_fp32(dX, dXr)
+
+
+def test_frozen_head_f_with_random_draws():
+    """Dropout inside f with W frozen: f runs once per chunk, so the gradient is the one of the forward's masks."""
+    X, W, b, _ = make_inputs((10,), H, V, bias=True)
+    W.requires_grad_(False)
+    b.requires_grad_(False)
+    p, chunk = 0.5, 4
+
+    def dropout_sq(z):
+        return F.dropout(z.float(), p=p, training=True).pow(2).sum(-1)
+
+    torch.manual_seed(123)
+    out = chunked_linear(X, W, dropout_sq, bias=b, chunk_size=chunk)
+    (dX,) = torch.autograd.grad(out.sum(), [X])
+    torch.manual_seed(123)  # the same masks, drawn in the forward's chunk order (the short chunk first)
+    mask = torch.cat([F.dropout(torch.ones(r, V), p=p, training=True) for r in (2, 4, 4)])
+    Xr = leaf_clone(X)
+    ref = (naive_apply(Xr, W, lambda z: z.float(), bias=b) * mask).pow(2).sum(-1)
+    assert_close_fp32(out, ref)
+    assert_close_fp32(dX, torch.autograd.grad(ref.sum(), [Xr])[0])

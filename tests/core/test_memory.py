@@ -155,3 +155,22 @@ def test_one_chunk_kept_graph_peaks_no_higher_than_naive():
     assert ours_peak <= 1.02 * naive_peak, f"ours {ours_peak / 2**20:.1f} MiB vs naive {naive_peak / 2**20:.1f} MiB"
     torch.testing.assert_close(gx_o, gx_n, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gw_o, gw_n, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk_size", [64, 200])
+def test_frozen_head_holds_one_chunk_and_one_dx(chunk_size, dtype):
+    """W frozen (a LoRA policy's head): the forward differentiates each chunk, so its worst moment is the backward's
+    3 float32 [c, V] buffers, on top of the [N, H] dZ·W it keeps for the backward; no [V, H] buffer at all."""
+    torch.manual_seed(0)
+    N, H = 512, 64
+    X = torch.randn(N, H, dtype=dtype, requires_grad=True)
+    W = (torch.randn(V, H) / 8).to(dtype)
+    labels = torch.randint(0, V, (N,))
+
+    def step():
+        return torch.autograd.grad(linear_token_logprobs(X, W, labels, chunk_size=chunk_size).sum(), [X])
+
+    _, peak = peak_memory(step, device="cpu")
+    buffers = (peak - N * H * X.element_size()) / (chunk_size * V * 4)
+    assert 2.9 <= buffers <= 3.1, f"{buffers:.2f} [c, V] fp32 buffers at the peak ({peak / 2**20:.1f} MiB)"

@@ -157,10 +157,16 @@ def _chunk_kw(spec, n, dtype=torch.float32, vocab=V):
 CHUNKS = [1, 7, "N", "N+5", None, "budget3"]
 
 
-def run_pair(case, lead, chunk_spec, bias, dtype=torch.float32, seed=0, x_scale=1.0, vocab=V):
-    """Run ours and the reference on fresh leaves; return (ours_outs, ours_grads, ref_outs, ref_grads, inputs)."""
+def run_pair(case, lead, chunk_spec, bias, dtype=torch.float32, seed=0, x_scale=1.0, vocab=V, frozen_head=False):
+    """Run ours and the reference on fresh leaves; return (ours_outs, ours_grads, ref_outs, ref_grads, inputs).
+
+    ``frozen_head``: W and b do not require grad (a LoRA policy's LM head), on both sides."""
     ours_fn, ref_fn, ignore = CASES[case]
     X, W, b, labels = make_inputs(lead, H, vocab, dtype=dtype, bias=bias, seed=seed, scale=x_scale)
+    if frozen_head:
+        W.requires_grad_(False)
+        if b is not None:
+            b.requires_grad_(False)
     if ignore:
         labels = _with_ignored(labels)
     extra = _kl_extra(lead) if case == "kl_to_reference" else []
@@ -190,6 +196,18 @@ def test_parity_fp32(case, lead, chunk_spec):
         assert_close_fp32(o, r, what=f"output {k}")
     for name, go, gr in zip(("dX", "dW", "db"), o_grads, r_grads):
         assert_close_fp32(go, gr, what=name)
+
+
+@pytest.mark.parametrize("chunk_spec", [1, 7, "N", None], ids=lambda c: f"chunk={c}")
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_fp32_frozen_head(case, chunk_spec):
+    """W and b frozen: the forward differentiates f and the backward only multiplies the upstream gradients in;
+    outputs and dX as the full-logits reference's, no gradient for W or b."""
+    (o_outs, o_grads), (r_outs, r_grads), _ = run_pair(case, (3, 5), chunk_spec, bias=True, frozen_head=True)
+    for k, (o, r) in enumerate(zip(o_outs, r_outs)):
+        assert_close_fp32(o, r, what=f"output {k}")
+    assert o_grads[1] is None and o_grads[2] is None
+    assert_close_fp32(o_grads[0], r_grads[0], what="dX")
 
 
 @pytest.mark.parametrize("case", ["ce_mean", "logprobs_T_softcap_scale", "logprobs_and_entropy", "z_loss"])
@@ -383,9 +401,12 @@ LOWP_CASES = ["ce_mean", "ce_none", "logprobs_T_softcap_scale", "logprobs_and_en
               "kl_to_reference", "z_loss", "entropy"]
 
 
-def _lowp_check(case, dtype, eps, lead, chunk, vocab=V):
+def _lowp_check(case, dtype, eps, lead, chunk, vocab=V, frozen_head=False):
     ours_fn, ref_fn, ignore = CASES[case]
     X, W, b, labels = make_inputs(lead, H, vocab, dtype=dtype, bias=True, seed=2, scale=2.0)
+    if frozen_head:
+        W.requires_grad_(False)
+        b.requires_grad_(False)
     if ignore:
         labels = _with_ignored(labels)
     extra = _kl_extra(lead) if case == "kl_to_reference" else []
@@ -403,7 +424,7 @@ def _lowp_check(case, dtype, eps, lead, chunk, vocab=V):
         weights = [random_weights(o.shape, seed=11 + k, dtype=torch.float64) for k, o in enumerate(outs)]
         g = grads(weighted_loss(outs, weights), [Xs, Ws, bs])
         if side == "ours":
-            assert g[0].dtype == dtype and g[1].dtype == dtype and g[2].dtype == dtype
+            assert all(t is None if frozen_head and i else t.dtype == dtype for i, t in enumerate(g))
         results[side] = (outs, g)
     for k in range(len(results["ours"][0])):
         assert_low_precision(results["ours"][0][k], results["naive"][0][k], results["exact"][0][k], eps,
@@ -418,6 +439,13 @@ def _lowp_check(case, dtype, eps, lead, chunk, vocab=V):
 @pytest.mark.parametrize("case", LOWP_CASES)
 def test_parity_bf16(case, lead, chunk):
     _lowp_check(case, torch.bfloat16, BF16_EPS, lead, chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, None])
+@pytest.mark.parametrize("case", LOWP_CASES)
+def test_parity_bf16_frozen_head(case, chunk):
+    """The frozen head's path in bf16: dX is the stored dZ·W (bf16) times the upstream gradient, rounded once more."""
+    _lowp_check(case, torch.bfloat16, BF16_EPS, (3, 5), chunk, frozen_head=True)
 
 
 @pytest.mark.parametrize("case", LOWP_CASES)

@@ -1,8 +1,8 @@
 """One optimizer step of GRPOTrainer under one engine, for tests/distributed/test_engines.py.
 
 Run as ``accelerate launch --config_file <engine>.yaml _engine_worker.py WORK_DIR ENGINE CASES`` (2 processes).
-For each case of the JSON list CASES (``{"name", "tied", "head_unit", "patched"}``) it builds a GRPOTrainer on the
-saved tiny Llama, hands rank r the rows [4r, 4r+4) of the batch the parent generated (every engine sees the same
+For each case of the JSON list CASES (``{"name", "tied", "head_unit", "frozen_head", "patched"}``) it builds a
+GRPOTrainer on the saved tiny Llama (its LM head frozen for ``frozen_head``, as under LoRA), hands rank r the rows [4r, 4r+4) of the batch the parent generated (every engine sees the same
 numbers), and runs ``train()`` for one SGD step: the engine wraps the model and the optimizer, the trainer clips
 (logging the grad norm) and steps. When training begins it asserts the engine, the world size and the wrap it got;
 after the step, that grpo_mel's chunked head ran exactly when the case is patched.
@@ -84,6 +84,21 @@ def _count_chunked_head_calls() -> list:
     return calls
 
 
+def _count_frozen_head_backwards() -> list:
+    """Backwards through the frozen-head path (the forward's dZ·W times the upstream gradient), counted: a frozen
+    head's patched case must take it (not recompute), any other case never."""
+    from grpo_mel._grads_ahead import GradsAhead
+
+    calls, original = [], GradsAhead.result
+
+    def counted(self, grad):
+        calls.append(1)
+        return original(self, grad)
+
+    GradsAhead.result = counted
+    return calls
+
+
 def _fsdp2_unit_modules(module) -> set:
     """The modules whose parameters share ``module``'s FSDP2 unit (its parameter group)."""
     group = module._get_fsdp_state()._fsdp_param_group  # private: torch has no public view of a unit's members
@@ -137,10 +152,16 @@ def _trainer(work_dir: str, engine: str, case: dict):
         report_to="none", use_cpu=True, save_strategy="no", seed=0, beta=0.0, bf16=False, loss_type="grpo",
         max_steps=1, disable_dropout=True, logging_steps=1,
     )
+    model = os.path.join(work_dir, "model-tied" if case["tied"] else "model-untied")
+    if case["frozen_head"]:  # the head of a LoRA policy: grpo_mel's forward then differentiates f, nothing recomputed
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model)
+        model.lm_head.weight.requires_grad_(False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = GRPOTrainer(
-            model=os.path.join(work_dir, "model-tied" if case["tied"] else "model-untied"),
+            model=model,
             reward_funcs=[task.format_reward], args=args, train_dataset=Dataset.from_list(task.arithmetic_prompts(8)),
             processing_class=task.tiny_tokenizer(1024),
         )
@@ -171,7 +192,7 @@ def main(work_dir: str, engine: str, cases: list[dict]) -> None:
         _force_fsdp_on_cpu()
     if engine.startswith("zero"):
         _skip_deepspeed_shm_op()
-    head_calls = _count_chunked_head_calls()
+    head_calls, frozen_backwards = _count_chunked_head_calls(), _count_frozen_head_backwards()
     rank = int(os.environ["RANK"])
     inputs = torch.load(os.path.join(work_dir, "inputs.pt"))
     rows = slice(rank * 4, (rank + 1) * 4)
@@ -186,9 +207,14 @@ def main(work_dir: str, engine: str, cases: list[dict]) -> None:
         try:
             trainer = _trainer(work_dir, engine, case)
             trainer._prepare_inputs = lambda generation_batch: half  # the parent's batch, not a new generation
-            before = len(head_calls)
+            before, frozen_before = len(head_calls), len(frozen_backwards)
             trainer.train()
             assert (len(head_calls) > before) == case["patched"], f"chunked head ran {len(head_calls) - before}x"
+            took = len(frozen_backwards) - frozen_before
+            # FSDP1 hands the module views of its flat parameter, which requires grad as a whole: the frozen head
+            # looks trainable to autograd there, so the general path runs (dW formed, and dropped by FSDP1)
+            frozen_path = case["patched"] and case["frozen_head"] and engine != "fsdp1"
+            assert (took > 0) == frozen_path, f"frozen-head backward ran {took}x"
             out["grad_norm"] = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
             out["params"] = _full_parameters(trainer)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which checks it

@@ -71,14 +71,15 @@ ENGINES = {
     "zero2": ("DEEPSPEED", _ZERO.format(stage=2)),
     "zero3": ("DEEPSPEED", _ZERO.format(stage=3)),
 }
-# variant -> (tied, LM head as its own FSDP unit)
-VARIANTS = {"untied": (False, False), "tied": (True, False), "untied-head": (False, True), "tied-head": (True, True)}
+# variant -> (tied, LM head as its own FSDP unit, LM head frozen as under LoRA: grpo_mel's gradients-in-forward path)
+VARIANTS = {"untied": (False, False, False), "tied": (True, False, False), "untied-head": (False, True, False),
+            "tied-head": (True, True, False), "frozen": (False, False, True)}
 ENGINE_VARIANTS = {
-    "ddp": ("untied", "tied"),
-    "fsdp2": ("untied", "tied", "untied-head", "tied-head"),
-    "fsdp1": ("untied", "tied", "untied-head", "tied-head"),
-    "zero2": ("untied", "tied"),
-    "zero3": ("untied", "tied"),
+    "ddp": ("untied", "tied", "frozen"),
+    "fsdp2": ("untied", "tied", "untied-head", "tied-head", "frozen"),
+    "fsdp1": ("untied", "tied", "untied-head", "tied-head", "frozen"),
+    "zero2": ("untied", "tied", "frozen"),
+    "zero3": ("untied", "tied", "frozen"),
 }
 # A tied head cannot be an FSDP unit of its own: the engine itself refuses or breaks, with or without grpo_mel
 # (the embedding in another unit shares the weight). Both must fail with the same error.
@@ -153,7 +154,7 @@ def _launch(work, engine) -> dict | str:
         f.write(f"compute_environment: LOCAL_MACHINE\ndistributed_type: {distributed_type}\nnum_machines: 1\n"
                 f"machine_rank: 0\nnum_processes: 2\nmixed_precision: 'no'\nuse_cpu: false\n{extra}")
     cases = [dict(name=f"{v}-{'patched' if p else 'unpatched'}", tied=VARIANTS[v][0], head_unit=VARIANTS[v][1],
-                  patched=p) for v in ENGINE_VARIANTS[engine] for p in (True, False)]
+                  frozen_head=VARIANTS[v][2], patched=p) for v in ENGINE_VARIANTS[engine] for p in (True, False)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
            "--main_process_port", str(free_port()), os.path.join(HERE, "_engine_worker.py"), work, engine,
@@ -199,7 +200,7 @@ def _assert_same_step(run: dict, ref: dict, p0: dict, tied: bool, what: str) -> 
     for k in p0:
         moved = (want[k] - p0[k]).abs().max().item()
         off = (got[k] - want[k]).abs().max().item()
-        worst[k] = off / moved
+        worst[k] = off / moved if moved else (0.0 if off == 0 else float("inf"))  # a frozen parameter must not move
     bad = {k: f"{r:.2e}" for k, r in worst.items() if not r <= PARAM_RTOL}
     assert not bad, f"{what}: parameters off by more than {PARAM_RTOL} of their movement: {bad}"
     g, g_ref = _applied_grad_norm(p0, got), _applied_grad_norm(p0, want)
@@ -207,6 +208,12 @@ def _assert_same_step(run: dict, ref: dict, p0: dict, tied: bool, what: str) -> 
     (logged,), (logged_ref,) = run["grad_norm"], ref["grad_norm"]
     assert abs(logged - logged_ref) <= LOGGED_NORM_RTOL * logged_ref, f"{what}: logged norm {logged} vs {logged_ref}"
     assert abs(logged - g) <= LOGGED_NORM_RTOL * g, f"{what}: logged grad norm {logged}, applied {g}"
+
+
+def _ddp_variant(variant: str) -> str:
+    """The DDP run a variant is compared with: the same model and frozen parameters (DDP has no head unit)."""
+    tied, _, frozen = VARIANTS[variant]
+    return "frozen" if frozen else ("tied" if tied else "untied")
 
 
 PATCHED = [pytest.param(e, v, id=f"{e}-{v}") for e, vs in ENGINE_VARIANTS.items() for v in vs]
@@ -227,7 +234,7 @@ def test_patched_step_equals_ddp(work, engine, variant):
             assert run["checked"] and expected in run.get("error", ""), run.get("traceback", "no error")
         assert patched["error"] == unpatched["error"]
         return
-    ref = _ok(_runs(work, "ddp")[f"{'tied' if tied else 'untied'}-unpatched"], "ddp reference")
+    ref = _ok(_runs(work, "ddp")[f"{_ddp_variant(variant)}-unpatched"], "ddp reference")
     p0 = _initial(work, tied)
     _assert_same_step(_ok(patched, f"{engine}-{variant} patched"), ref, p0, tied, f"{engine}-{variant} vs ddp")
     if engine != "ddp" and (engine, variant) not in _TRL_WRONG:
@@ -240,5 +247,5 @@ def test_unpatched_step_equals_ddp(work, engine, variant):
     """TRL's own method under the engine = under DDP: the harness runs each engine right (and TRL's own bugs show)."""
     tied = VARIANTS[variant][0]
     run = _ok(_runs(work, engine)[f"{variant}-unpatched"], f"{engine}-{variant} unpatched")
-    ref = _ok(_runs(work, "ddp")[f"{'tied' if tied else 'untied'}-unpatched"], "ddp reference")
+    ref = _ok(_runs(work, "ddp")[f"{_ddp_variant(variant)}-unpatched"], "ddp reference")
     _assert_same_step(run, ref, _initial(work, tied), tied, f"{engine}-{variant} unpatched vs ddp")

@@ -28,3 +28,25 @@ def test_bench_lm_head_tiny(tmp_path):
     names = {r["variant"] for r in ran}
     assert {"naive", "grpo_mel@7", "grpo_mel@64", "grpo_mel@auto"} <= names
     assert "CPU time / naive" in md.read_text()
+
+
+def test_bench_lm_head_frozen_weight_appends_its_own_rows(tmp_path):
+    """``--frozen-weight`` (a LoRA policy's head): every variant computes outputs and dX only, checked against naive's,
+    and its rows go into the same CSV beside the trainable head's (the GPU suite's head-1 and head-1-frozen)."""
+    out = tmp_path / "bench.csv"
+    base = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_lm_head.py"), "--device", "cpu", "--dtype",
+            "float32", "--hidden", "32", "--tokens", "96", "--vocab", "500", "--chunks", "7", "--repeats", "1",
+            "--tasks", "logprobs", "--csv", str(out)]
+    for extra in ([], ["--frozen-weight", "--append"]):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ran = [r for r in csv.DictReader(open(out)) if not r["note"]]
+    by_head = {h: {r["variant"]: r for r in ran if r["head"] == h} for h in ("trainable", "frozen")}
+    assert {"naive", "grpo_mel@7", "grpo_mel@auto"} <= set(by_head["frozen"]) and by_head["trainable"]
+    for r in by_head["frozen"].values():
+        assert r["diff_dW"] in ("", "nan"), r  # no variant formed dW
+        if r["variant"] != "naive":
+            assert r["ok"] == "ok" and float(r["diff_dX"]) < 1e-4, r
+    for r in by_head["trainable"].values():
+        if r["variant"] != "naive":
+            assert float(r["diff_dW"]) < 1e-4, r

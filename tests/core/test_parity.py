@@ -548,3 +548,30 @@ def test_autocast_gemm_dtype_and_gradients(chunk):
     for side in ("ours", "ours_fp32_dx"):
         torch.testing.assert_close(res[side][2], want_dw, rtol=1e-5, atol=1e-6)
     assert rel_err(dW_n, want_dw) > 0  # the naive path rounds dW to bf16; ours does not
+
+
+@pytest.mark.parametrize("fp32_dx", [False, True], ids=["bf16_dx", "fp32_dx"])
+@pytest.mark.parametrize("chunk", [1, 4, None])
+def test_autocast_frozen_head(chunk, fp32_dx):
+    """Under bf16 autocast with W frozen (a LoRA policy's head under mixed precision), the forward's graph sees the
+    bf16 logits too; outputs equal the naive autocast path's, and dX (the bf16 GEMM of the unit-gradient dZ, times
+    the upstream gradient) is the naive dX within bf16 rounding, in float32."""
+    X, W, _, labels = make_inputs((13,), H, V, seed=3, scale=2.0)
+    W.requires_grad_(False)
+    w_out = random_weights((13,), seed=5)
+    seen = []
+
+    def f(z, lab):
+        seen.append(z.dtype)
+        return G.token_logprobs(z, lab, temperature=0.7)
+
+    Xn, Xo = leaf_clone(X), leaf_clone(X)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out_n = ref_token_logprobs(F.linear(Xn, W), labels, temperature=0.7)
+        out_o = chunked_linear(Xo, W, f, labels, chunk_size=chunk, fp32_grad_input=fp32_dx)
+    (dX_n,) = torch.autograd.grad((out_n * w_out).sum(), [Xn])
+    (dX_o,) = torch.autograd.grad((out_o * w_out).sum(), [Xo])
+    assert seen and set(seen) == {torch.bfloat16}
+    assert dX_o.dtype == torch.float32
+    torch.testing.assert_close(out_o, out_n, rtol=1e-6, atol=1e-6)
+    assert rel_err(dX_o, dX_n) <= 2.0 ** -7, rel_err(dX_o, dX_n)

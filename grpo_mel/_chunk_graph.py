@@ -42,10 +42,11 @@ def output_needs_grad(index: int) -> bool:
     While :class:`MemoryEfficientLinear`'s backward recomputes a chunk, True only for the outputs that
     received an upstream gradient (e.g. False for an entropy that is only logged). While the forward builds a
     graph (the last chunk's, kept for the backward; with a frozen head, every chunk's), True for output 0 and False
-    for the others (should one of them get a gradient after all, the backward recomputes). Elsewhere (the forward's other chunks,
-    or f called on its own) ``torch.is_grad_enabled()``: False in the chunked forward (``no_grad``). An f may compute an
-    output that is not differentiated under ``torch.no_grad()``, so its graph (and the ``[c, V]`` tensors the
-    graph would save) is never built. The value must be the same either way: only the graph may differ.
+    for the others (should one of them get a gradient after all, the backward recomputes). Elsewhere (the
+    forward's other chunks, or f called on its own) ``torch.is_grad_enabled()``: False in the chunked forward
+    (``no_grad``). An f may compute an output that is not differentiated under ``torch.no_grad()``, so its graph
+    (and the ``[c, V]`` tensors the graph would save) is never built. The value must be the same either way: only
+    the graph may differ.
     """
     live = LIVE_OUTPUTS.get()
     if live is None:

@@ -1,7 +1,7 @@
 """A frozen head's chunks (no dW or db to form): the forward differentiates f, the backward recomputes nothing.
 
 Used by :class:`grpo_mel.linear.MemoryEfficientLinear` when neither W nor b needs a gradient (a LoRA policy's LM
-head). docs/design.md, "The frozen head: gradients in the forward".
+head) and its GEMMs run in float32 or float64. docs/design.md, "The frozen head: gradients in the forward".
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ not needed: no dW for a frozen W, no dX for an X that does not require grad, and
 received no gradient (e.g. an entropy that is only logged) are not differentiated. Where a backward will
 follow, the forward keeps the last chunk's f graph, so that chunk is not recomputed (all rows when one chunk
 holds them; docs/design.md, "The kept last chunk"). With a frozen head (no dW or db: a LoRA policy's LM head)
-the forward differentiates each chunk's f with a unit upstream gradient per row and keeps ``dZ_c·W`` ([N, H]);
-the backward multiplies the upstream gradients in and recomputes nothing (docs/design.md, "The frozen head").
+and float32 GEMMs the forward differentiates each chunk's f with a unit upstream gradient per row and keeps
+``dZ_c·W`` ([N, H]); the backward multiplies the upstream gradients in and recomputes nothing (docs/design.md,
+"The frozen head").
 
 Two front doors share one Function: :func:`chunked_linear` ``(X, weight, fn, *row_args, bias=None,
 chunk_size=None, ...)`` where ``fn(z_c, *row_args_c)`` receives the chunk's logits ([c, V], X's dtype) and
@@ -278,10 +279,14 @@ def chunked_linear(
     # it (all of it when one chunk holds every row)
     keep = n > 0 and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (X2, weight, bias, *flat_args))
-    # a frozen head (no dW, no db): the forward differentiates f, and the backward recomputes nothing
+    # a frozen head (no dW, no db) with float32 (or float64) GEMMs: the forward differentiates f, and the backward
+    # recomputes nothing. Not with half-precision GEMMs: dZ·W formed before the upstream gradient is known rounds
+    # dZ to the half dtype without it, so dX would differ from autograd's by up to a half-precision ulp
+    # (docs/design.md, "The frozen head"); the recompute keeps autograd's roundings there.
     frozen_head = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    wide_gemm = _gemm_dtype(X2, weight, bias) in (torch.float32, torch.float64)
     opts = _Options(fn=fn, chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input),
-                    keep_graph=keep, grad_in_forward=keep and frozen_head)
+                    keep_graph=keep, grad_in_forward=keep and frozen_head and wide_gemm)
     outs = MemoryEfficientLinear.apply(opts, X2, weight, bias, *flat_args)
     outs = tuple(o if o.dim() == 0 else o.view(*lead, *o.shape[1:]) for o in outs)
     return outs[0] if len(outs) == 1 else outs

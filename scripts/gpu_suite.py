@@ -8,8 +8,8 @@ its own process with a time cap, in this order (a failing step is recorded and t
 2. ``parity``: ``tests/core/test_parity.py`` on the device (``GRPO_MEL_TEST_DEVICE``): fp32, bf16, fp16, autocast.
 3. ``head-1``: ``benchmarks/bench_lm_head.py --preset gpu`` (Llama-3.2-1B head, H=2048, V=128256, bf16:
    naive, TRL's fused head, grpo_mel, Liger-Kernel and cut-cross-entropy where they import).
-3b. ``head-1-frozen``: the same head with W frozen (a LoRA policy's head: grpo_mel recomputes nothing there),
-   log-probs at N=4096 and 16384, naive / TRL fused / grpo_mel; its rows go into head-1's CSV (column ``head``).
+3b. ``head-1-frozen``: the same head with W frozen (a LoRA policy's head: no dW; in bf16 grpo_mel still
+   recomputes), log-probs at N=4096 and 16384, naive / TRL fused / grpo_mel; its rows go into head-1's CSV.
 4. ``grpo``: ``examples/grpo_reward_task.py --model llama-1b-random --compare --override-fused-head true``
    (grpo_mel against unpatched TRL, whose Triton fused head runs on CUDA; peak VRAM per step).
 5. ``sft``: ``examples/sft_loss_match.py --model llama-1b-random`` (4-bit when bitsandbytes imports).

@@ -444,7 +444,7 @@ def test_parity_bf16(case, lead, chunk):
 @pytest.mark.parametrize("chunk", [1, None])
 @pytest.mark.parametrize("case", LOWP_CASES)
 def test_parity_bf16_frozen_head(case, chunk):
-    """The frozen head's path in bf16: dX is the stored dZ·W (bf16) times the upstream gradient, rounded once more."""
+    """A frozen head with bf16 GEMMs (the general path: recompute with the upstream gradient, as autograd rounds)."""
     _lowp_check(case, torch.bfloat16, BF16_EPS, (3, 5), chunk, frozen_head=True)
 
 
@@ -553,9 +553,8 @@ def test_autocast_gemm_dtype_and_gradients(chunk):
 @pytest.mark.parametrize("fp32_dx", [False, True], ids=["bf16_dx", "fp32_dx"])
 @pytest.mark.parametrize("chunk", [1, 4, None])
 def test_autocast_frozen_head(chunk, fp32_dx):
-    """Under bf16 autocast with W frozen (a LoRA policy's head under mixed precision), the forward's graph sees the
-    bf16 logits too; outputs equal the naive autocast path's, and dX (the bf16 GEMM of the unit-gradient dZ, times
-    the upstream gradient) is the naive dX within bf16 rounding, in float32."""
+    """Under bf16 autocast with W frozen (a LoRA policy's head under mixed precision): f sees bf16 logits, outputs
+    equal the naive autocast path's, dX is the naive dX within bf16 rounding, in float32."""
     X, W, _, labels = make_inputs((13,), H, V, seed=3, scale=2.0)
     W.requires_grad_(False)
     w_out = random_weights((13,), seed=5)
@@ -575,3 +574,24 @@ def test_autocast_frozen_head(chunk, fp32_dx):
     assert dX_o.dtype == torch.float32
     torch.testing.assert_close(out_o, out_n, rtol=1e-6, atol=1e-6)
     assert rel_err(dX_o, dX_n) <= 2.0 ** -7, rel_err(dX_o, dX_n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_frozen_head_path_only_with_float32_gemms(dtype):
+    """A frozen head differentiates f in the forward (f runs once per chunk) only where the GEMMs run in float32:
+    with half-precision GEMMs dZ·W formed before the upstream gradient would round dZ without it, so those keep the
+    recompute, and dX is then autograd's own, bit for bit on the CPU (per-chunk GEMMs of the same rows)."""
+    X, W, _, labels = make_inputs((10,), H, V, dtype=dtype, seed=4, scale=2.0)
+    W.requires_grad_(False)
+    w = random_weights((10,), seed=6)
+    rec = ChunkRecorder(G.token_logprobs)
+    (dX,) = torch.autograd.grad((chunked_linear(X, W, rec, labels, chunk_size=4) * w).sum(), [X])
+    assert rec.rows == ([2, 4, 4] if dtype == torch.float32 else [2, 4, 4, 2, 4])
+    Xr = leaf_clone(X)
+    (dXr,) = torch.autograd.grad((naive_apply(Xr, W, ref_token_logprobs, labels) * w).sum(), [Xr])
+    if dtype == torch.float32:
+        assert_close_fp32(dX, dXr, what="dX")
+    elif DEVICE.type == "cpu":
+        assert torch.equal(dX, dXr)
+    else:  # cuBLAS picks its kernel by shape (see test_autocast_gemm_dtype_and_gradients)
+        assert rel_err(dX, dXr) <= 2.0 ** -7

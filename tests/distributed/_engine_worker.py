@@ -3,9 +3,10 @@
 Run as ``accelerate launch --config_file <engine>.yaml _engine_worker.py WORK_DIR ENGINE CASES`` (2 processes).
 For each case of the JSON list CASES (``{"name", "tied", "head_unit", "frozen_head", "patched"}``) it builds a
 GRPOTrainer on the saved tiny Llama (its LM head frozen for ``frozen_head``, as under LoRA), hands rank r the
-rows [4r, 4r+4) of the batch the parent generated (every engine sees the same numbers), and runs ``train()`` for one SGD step: the engine wraps the model and the optimizer, the trainer clips
-(logging the grad norm) and steps. When training begins it asserts the engine, the world size and the wrap it got;
-after the step, that grpo_mel's chunked head ran exactly when the case is patched.
+rows [4r, 4r+4) of the batch the parent generated (every engine sees the same numbers), and runs ``train()`` for
+one SGD step: the engine wraps the model and the optimizer, the trainer clips (logging the grad norm) and steps.
+When training begins it asserts the engine, the world size and the wrap it got; after the step, that grpo_mel's
+chunked head ran exactly when the case is patched (and its frozen-head path exactly when that applies).
 Rank 0 writes the full parameters after the step and the logged grad norm to WORK_DIR/<engine>-<name>.pt, or the
 error a case raised (the parent decides whether that error was expected).
 """

@@ -25,7 +25,6 @@ class GradsAhead:
 
     def __init__(self, ctx, X, weight, bias, row_args, fp32_grad_input: bool):
         self.guess, self.arg_needs = ctx.guess, ctx.needs_input_grad[4:]
-        self.autocast_kind = ctx.autocast["device_type"]
         self.weight, self.bias = weight, bias
         self.lin = LinearGrads(X, weight, bias, ctx.needs_input_grad[1], False, False, ctx.gemm_dtype, fp32_grad_input)
         self.d_args = [torch.zeros_like(a) if need else None for a, need in zip(row_args, self.arg_needs)]
@@ -50,8 +49,7 @@ class GradsAhead:
                     d[start:end].copy_(g)
             dz = graph.dz_box.grad
         del graph, out
-        with torch.autocast(self.autocast_kind, enabled=False):  # LinearGrads picks its GEMM dtypes itself
-            self.lin.add_chunk(start, end, X[start:end], dz)
+        self.lin.add_chunk(start, end, X[start:end], dz)
         return values
 
     def result(self, grad: torch.Tensor) -> tuple:

@@ -54,7 +54,7 @@ class _Options:
     reduction: str  # how 0-dim outputs combine over chunks: "mean" | "sum"
     fp32_grad_input: bool  # see chunked_linear
     keep_graph: bool = False  # the forward builds the last chunk's f graph and the backward uses it (no recompute)
-    grad_in_forward: bool = False  # frozen head: the forward differentiates f per chunk (unit upstream gradient)
+    grad_in_forward: bool = False  # frozen head: the forward differentiates f per chunk (float32 GEMMs only)
 
     def scalar_weight(self, rows: int, n: int) -> float:
         """The weight of one chunk's 0-dim output in the total: its share of rows for "mean"."""
@@ -98,7 +98,11 @@ class MemoryEfficientLinear(torch.autograd.Function):
         scalar: list[bool] = []
         ctx.kept, ctx.ahead = None, None
         ctx.guess = Guess()
-        if opts.grad_in_forward:
+        # a frozen head differentiates f here only with float32 (or float64) GEMMs: with half-precision ones, dZ·W
+        # formed before the upstream gradient is known rounds dZ to the half dtype without it, and dX would differ
+        # from autograd's by up to a half-precision ulp (docs/design.md, "The frozen head"); the recompute keeps
+        # autograd's roundings there
+        if opts.grad_in_forward and ctx.gemm_dtype in (torch.float32, torch.float64):
             ctx.ahead = GradsAhead(ctx, X, weight, bias, row_args, opts.fp32_grad_input)
         for start, end in opts.bounds(n):
             args_c = [a[start:end] for a in row_args]
@@ -279,14 +283,10 @@ def chunked_linear(
     # it (all of it when one chunk holds every row)
     keep = n > 0 and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (X2, weight, bias, *flat_args))
-    # a frozen head (no dW, no db) with float32 (or float64) GEMMs: the forward differentiates f, and the backward
-    # recomputes nothing. Not with half-precision GEMMs: dZ·W formed before the upstream gradient is known rounds
-    # dZ to the half dtype without it, so dX would differ from autograd's by up to a half-precision ulp
-    # (docs/design.md, "The frozen head"); the recompute keeps autograd's roundings there.
+    # a frozen head (no dW, no db): the forward differentiates f, and the backward recomputes nothing (float32 GEMMs)
     frozen_head = not weight.requires_grad and (bias is None or not bias.requires_grad)
-    wide_gemm = _gemm_dtype(X2, weight, bias) in (torch.float32, torch.float64)
     opts = _Options(fn=fn, chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input),
-                    keep_graph=keep, grad_in_forward=keep and frozen_head and wide_gemm)
+                    keep_graph=keep, grad_in_forward=keep and frozen_head)
     outs = MemoryEfficientLinear.apply(opts, X2, weight, bias, *flat_args)
     outs = tuple(o if o.dim() == 0 else o.view(*lead, *o.shape[1:]) for o in outs)
     return outs[0] if len(outs) == 1 else outs

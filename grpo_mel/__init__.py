@@ -17,7 +17,8 @@ from .functions import (
     z_loss,
 )
 from .fused import linear_cross_entropy, linear_token_logprobs
-from .linear import MemoryEfficientLinear, chunked_linear, output_needs_grad
+from .linear import chunked_linear, output_needs_grad
+from .seed import MemoryEfficientLinear
 from .memory import PeakMemory, peak_memory
 from .planning import plan_chunk_size
 

@@ -7,7 +7,8 @@ docs/design.md, "Why the recomputed logits are not a leaf". Also here: what ``ou
 
 from __future__ import annotations
 
-import contextvars
+import contextlib
+import threading
 
 import torch
 
@@ -15,25 +16,37 @@ from ._checks import as_outputs
 from ._linear_grads import chunk_logits
 
 
-#: Indices of f's outputs that receive a gradient, while the backward recomputes a chunk (or a Guess, while the
-#: forward builds a graph: the kept last chunk's, or every chunk's of a frozen head); None otherwise.
-LIVE_OUTPUTS: contextvars.ContextVar = contextvars.ContextVar("grpo_mel_live_outputs", default=None)
+class _Live(threading.local):
+    """Indices of f's outputs that receive a gradient, while the backward recomputes a chunk (or :data:`GUESS`,
+    while the forward builds a graph: the kept last chunk's, or every chunk's of a frozen head); None otherwise.
+    Thread-local, and a plain attribute so that ``torch.compile`` reads it and guards on it (a ``ContextVar``
+    breaks its graph)."""
+
+    outputs: frozenset[int] | None = None
+    denied: set[int] | None = None  # where given, the indices output_needs_grad answered False for are added
 
 
-class Guess:
-    """``output_needs_grad`` while the forward builds a graph (the kept last chunk, a frozen head's chunks), before
-    anyone knows which outputs will get a gradient: the first output is assumed to, any other output f asks about is
-    assumed not to (a logged entropy, GRPO's case) and remembered; if one of those does get a gradient, the backward
-    recomputes."""
+_LIVE = _Live()
 
-    def __init__(self):
-        self.assumed_without_grad: set[int] = set()
+#: What ``output_needs_grad`` answers while the forward builds a graph, before anyone knows which outputs will get a
+#: gradient: output 0 will, the others not (a logged entropy, GRPO's case). The outputs f asked about are recorded;
+#: should one of them get a gradient after all, the graph does not serve it and the backward recomputes.
+GUESS = frozenset({0})
 
-    def __contains__(self, index: int) -> bool:
-        if index == 0:
-            return True
-        self.assumed_without_grad.add(index)
-        return False
+
+@contextlib.contextmanager
+def live_outputs(live: frozenset[int] | None, denied: set[int] | None = None):
+    """Within the block, ``output_needs_grad(i)`` answers ``i in live`` and adds each ``i`` it answers False for to
+    ``denied`` (``live`` None: as the caller had it)."""
+    if live is None:
+        yield
+        return
+    before = _LIVE.outputs, _LIVE.denied
+    _LIVE.outputs, _LIVE.denied = frozenset(live), denied
+    try:
+        yield
+    finally:
+        _LIVE.outputs, _LIVE.denied = before
 
 
 def output_needs_grad(index: int) -> bool:
@@ -48,32 +61,46 @@ def output_needs_grad(index: int) -> bool:
     (and the ``[c, V]`` tensors the graph would save) is never built. The value must be the same either way: only
     the graph may differ.
     """
-    live = LIVE_OUTPUTS.get()
+    live = _LIVE.outputs
     if live is None:
         return torch.is_grad_enabled()
-    return index in live
+    if index in live:
+        return True
+    if _LIVE.denied is not None:
+        _LIVE.denied.add(index)
+    return False
 
 
 class ChunkGraph:
     """f's graph on one chunk: the logits come out of :class:`LogitsKeepingGrad` (dZ lands in ``dz_box``), row
     arguments that need a gradient are fresh leaves, and ``anchor`` is what ``autograd.grad`` differentiates."""
 
-    def __init__(self, fn, x_c, weight, bias, args_c, arg_needs, live=None):
-        """``live``: what ``output_needs_grad`` answers inside f (a :class:`Guess` in the forward); None: as set
-        by the caller."""
+    def __init__(self, fn, x_c, weight, bias, args_c, arg_needs, guess: bool = False):
+        """``guess``: built in the forward, with ``output_needs_grad`` answering by :data:`GUESS`; the outputs it
+        said no to are in ``denied`` (a graph built in the backward answers as the backward set it)."""
+        self.arg_needs = arg_needs
         self.args = [a.detach().requires_grad_(True) if need else a for a, need in zip(args_c, arg_needs)]
         self.anchor = torch.empty((), device=x_c.device, requires_grad=True)  # never read: only a graph root
         self.dz_box = GradBox()
-        token = LIVE_OUTPUTS.set(live) if live is not None else None
-        try:
-            with torch.enable_grad():
-                # z is not a leaf: only the graph of f holds it, so it is freed as soon as f is done with it
-                # (e.g. log_softmax keeps its output, not its input) and dZ arrives in dz_box.grad
-                z = LogitsKeepingGrad.apply(self.anchor, x_c.detach(), weight.detach(), _detached(bias), self.dz_box)
-                self.res = as_outputs(fn(z, *self.args))
-        finally:
-            if token is not None:
-                LIVE_OUTPUTS.reset(token)
+        self.denied: set[int] = set()
+        with live_outputs(GUESS if guess else None, self.denied), torch.enable_grad():
+            # z is not a leaf: only the graph of f holds it, so it is freed as soon as f is done with it
+            # (e.g. log_softmax keeps its output, not its input) and dZ arrives in dz_box.grad
+            z = LogitsKeepingGrad.apply(self.anchor, x_c.detach(), weight.detach(), _detached(bias), self.dz_box)
+            self.res = as_outputs(fn(z, *self.args))
+
+    def differentiate(self, outputs, grad_outputs, d_args, start: int, end: int) -> torch.Tensor | None:
+        """Backpropagate ``grad_outputs`` from ``outputs`` (some of ``res``) through f, once: row arguments'
+        gradients go into rows ``start:end`` of ``d_args`` (None where not needed); returns dZ ([c, V]; None where
+        no output that depends on the logits got a gradient)."""
+        if outputs:
+            wrt = [self.anchor] + [a for a, need in zip(self.args, self.arg_needs) if need]
+            got = torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True)
+            for d, g in zip([d for d in d_args if d is not None], got[1:]):
+                if g is not None:
+                    d[start:end].copy_(g)
+        dz, self.dz_box.grad = self.dz_box.grad, None
+        return dz
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:

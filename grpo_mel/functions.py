@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .linear import output_needs_grad
+from ._chunk_graph import output_needs_grad
 
 __all__ = [
     "prepare_logits",
@@ -138,11 +138,3 @@ def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int | None
         extra = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
         raise ValueError(f"labels must be in [0, {vocab_size}){extra}; found {bad}")
 
-
-def __getattr__(name):
-    # the front doors lived here before grpo_mel.fused; old imports keep working
-    if name in ("linear_cross_entropy", "linear_token_logprobs"):
-        from . import fused
-
-        return getattr(fused, name)
-    raise AttributeError(f"module 'grpo_mel.functions' has no attribute {name!r}")

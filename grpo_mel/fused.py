@@ -17,7 +17,7 @@ __all__ = ["linear_cross_entropy", "linear_token_logprobs"]
 
 def linear_cross_entropy(
     X, weight, labels, bias=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-    chunk_size=None, memory_budget=None, softcap=None, logit_scale=1.0,
+    chunk_size=None, memory_budget=None, softcap=None, logit_scale=1.0, compile=None,
 ):
     """Cross-entropy of ``X·Wᵀ + b`` against ``labels`` without the full logits.
 
@@ -31,7 +31,8 @@ def linear_cross_entropy(
     check_labels(labels, weight.shape[0], ignore_index)
     fn = functools.partial(cross_entropy, ignore_index=ignore_index, label_smoothing=label_smoothing,
                            softcap=softcap, logit_scale=logit_scale)
-    per_row = chunked_linear(X, weight, fn, labels, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget)
+    per_row = chunked_linear(X, weight, fn, labels, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget,
+                             compile=compile)
     if reduction == "none":
         return per_row
     total = per_row.sum()
@@ -42,17 +43,19 @@ def linear_cross_entropy(
 
 def linear_token_logprobs(
     X, weight, labels, bias=None, temperature=1.0, softcap=None, logit_scale=1.0, ignore_index=None,
-    with_entropy=False, chunk_size=None, memory_budget=None,
+    with_entropy=False, chunk_size=None, memory_budget=None, compile=None,
 ):
     """Per-token log-probs (and entropies if ``with_entropy``) of ``labels`` under ``softmax((X·Wᵀ+b)/T)``.
 
-    Returns a tensor shaped like ``labels`` (or a pair of them), float32.
+    Returns a tensor shaped like ``labels`` (or a pair of them), float32. ``chunk_size``, ``memory_budget``,
+    ``compile``: as :func:`grpo_mel.chunked_linear`.
     """
     _check_row_labels(X, labels)
     check_labels(labels, weight.shape[0], ignore_index)
     kw = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index)
     fn = functools.partial(token_logprobs_and_entropy if with_entropy else token_logprobs, **kw)
-    return chunked_linear(X, weight, fn, labels, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget)
+    return chunked_linear(X, weight, fn, labels, bias=bias, chunk_size=chunk_size, memory_budget=memory_budget,
+                          compile=compile)
 
 
 def _check_row_labels(X, labels) -> None:

@@ -61,6 +61,17 @@ def validate_memory_budget(memory_budget) -> None:
         raise ValueError(f"memory_budget must be a finite number of bytes > 0, got {memory_budget!r}")
 
 
+def validate_compile(compile) -> None:
+    """Raise unless ``compile`` is None (the device's default) or a bool."""
+    if compile is not None and not isinstance(compile, bool):
+        raise TypeError(f"compile must be True, False or None (the device's measured default), got {compile!r}")
+
+
+def default_compile(device: torch.device | str) -> bool:
+    """Whether f runs compiled per chunk when the caller does not say (docs/benchmarks.md, "Compiled chunks")."""
+    return False
+
+
 def default_memory_budget(device: torch.device) -> int:
     """Bytes the chunk working set may use when the caller gives neither chunk_size nor budget."""
     if device.type == "cuda" and torch.cuda.is_available():

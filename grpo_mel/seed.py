@@ -1,4 +1,4 @@
-"""The seed notebook's calling convention, mapped onto :func:`grpo_mel.chunked_linear`.
+"""The seed notebook's calling convention, mapped onto :func:`grpo_mel.chunked_linear`: ``MemoryEfficientLinear``.
 
 ``MemoryEfficientLinear.apply(X, linear, labels, forward_function[, chunk_size[, reduction]])`` where
 ``forward_function(batch, linear, labels)`` calls ``linear(batch)`` itself. Each chunk's function gets a
@@ -16,17 +16,30 @@ import torch
 from torch import nn
 
 from ._checks import as_outputs
-from .linear import chunked_linear
+from .linear import ChunkedLinear, chunked_linear
 
 _IGNORE_INDEX = -100  # torch's cross_entropy default, the seed convention's labels
 
 
-def is_seed_call(args: tuple, kwargs: dict) -> bool:
+class MemoryEfficientLinear(ChunkedLinear):
+    """The chunked Function (:class:`grpo_mel.linear.ChunkedLinear`) with the seed notebook's calling convention:
+    ``MemoryEfficientLinear.apply(X, linear, labels, forward_function[, chunk_size[, reduction]])`` where
+    ``forward_function(batch, linear, labels)`` calls ``linear(batch)`` itself. Prefer
+    :func:`grpo_mel.chunked_linear`. Any other ``apply`` is the Function's own."""
+
+    @classmethod
+    def apply(cls, *args, **kwargs):  # noqa: D102 - documented on the class
+        if _is_seed_call(args, kwargs):
+            return _seed_apply(*args)
+        return super().apply(*args, **kwargs)
+
+
+def _is_seed_call(args: tuple, kwargs: dict) -> bool:
     """``apply(X, linear, labels, forward_function, ...)``, told apart from the Function's own arguments."""
     return len(args) >= 4 and isinstance(args[1], nn.Module) and callable(args[3]) and not kwargs
 
 
-def seed_apply(X, linear: nn.Module, labels, forward_function: Callable, *extra):
+def _seed_apply(X, linear: nn.Module, labels, forward_function: Callable, *extra):
     if len(extra) > 2:
         raise TypeError("MemoryEfficientLinear.apply(X, linear, labels, forward_function, "
                         "[chunk_size, [reduction]]) takes at most 6 arguments")

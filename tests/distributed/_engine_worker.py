@@ -90,13 +90,13 @@ def _count_frozen_head_backwards() -> list:
     head's patched case must take it (not recompute), any other case never."""
     from grpo_mel._grads_ahead import GradsAhead
 
-    calls, original = [], GradsAhead.result
+    calls, original = [], GradsAhead.backward
 
-    def counted(self, grad):
+    def counted(self, *args, **kwargs):
         calls.append(1)
-        return original(self, grad)
+        return original(self, *args, **kwargs)
 
-    GradsAhead.result = counted
+    GradsAhead.backward = counted
     return calls
 
 

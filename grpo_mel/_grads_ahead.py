@@ -21,12 +21,16 @@ class GradsAhead(Strategy):
     that row alone (what chunking assumes), so the backward's dX is that tensor with each row multiplied by its
     upstream gradient; row arguments that need a gradient likewise. It serves a backward where only f's first
     output gets a gradient, and an f whose first output is per-row or 0-dim (else the Function recomputes).
-    GEMMs: 4·N·H·V, as autograd of the full logits with a frozen W.
+    GEMMs: 4·N·H·V, as autograd of the full logits with a frozen W. In half precision the unit-gradient dX is kept in
+    float32 and rounded once, after the multiply: as accurate as autograd, not its roundings bit for bit.
     """
 
     def __init__(self, call: Call, X, weight, bias, row_args):
         super().__init__(call)
-        self.lin = LinearGrads(X, weight, bias, call.needs.x, False, False, call.gemm_dtype, call.opts.fp32_grad_input)
+        # the unit-gradient dX is kept in float32 (half GEMMs write float32 on CUDA): the upstream gradient is multiplied
+        # in later, and only the product is rounded to X's dtype (docs/design.md, "The frozen head")
+        self.lin = LinearGrads(X, weight, bias, call.needs.x, False, False, call.gemm_dtype, call.opts.fp32_grad_input,
+                               dx_fp32=True)
         self.d_args = [torch.zeros_like(a) if need else None for a, need in zip(row_args, call.needs.args)]
 
     def forward_chunk(self, X, weight, bias, args_c, start, end):
@@ -52,10 +56,11 @@ class GradsAhead(Strategy):
     def backward(self, X, weight, bias, row_args, grad_outs, live):
         grad = grad_outs[0]
 
-        def times_grad(t):
+        def times_grad(t, dtype):
             if t is None:
                 return None
             g = grad if grad.dim() == 0 else grad.reshape(-1, *[1] * (t.dim() - 1))
-            return torch.mul(t, g, out=torch.empty_like(t))  # one rounding, in t's dtype
+            return torch.mul(t, g.to(t.dtype)).to(dtype)  # rounded to the input's dtype once
 
-        return (times_grad(self.lin.dX), None, None, *[times_grad(d) for d in self.d_args])
+        dX = times_grad(self.lin.dX, X.dtype)
+        return (dX, None, None, *[times_grad(d, a.dtype) for d, a in zip(self.d_args, row_args)])

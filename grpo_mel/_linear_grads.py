@@ -18,13 +18,16 @@ class LinearGrads:
     """dX ([N, H], X's dtype), dW and db (float32 accumulators, cast to W's dtype at the end), filled chunk by chunk.
 
     ``gemm_dtype`` is the dtype the forward's GEMM produced (the autocast dtype under autocast): the backward's
-    GEMMs run in it too.
+    GEMMs run in it too. ``dx_fp32``: dX is kept in float32 whatever X's dtype (the frozen head's unit-gradient dX,
+    which is multiplied by the upstream gradient later); with half operands CUDA's GEMM writes it in float32, the
+    CPU's half GEMM result is upcast.
     """
 
     def __init__(self, X, weight, bias, need_x: bool, need_w: bool, need_b: bool, gemm_dtype: torch.dtype,
-                 fp32_grad_input: bool):
+                 fp32_grad_input: bool, dx_fp32: bool = False):
         self.weight, self.bias = weight, bias
-        self.dX = torch.empty(X.shape, dtype=X.dtype, device=X.device) if need_x else None
+        dx_dtype = torch.promote_types(X.dtype, torch.float32) if dx_fp32 else X.dtype
+        self.dX = torch.empty(X.shape, dtype=dx_dtype, device=X.device) if need_x else None
         # the [V, H] float32 accumulator is allocated by the first chunk's dZ, not before it: f's backward (e.g. the
         # single kept graph of a one-chunk input) then peaks without it, as autograd's own F.linear backward does
         self.need_w, self.dW = need_w, None
@@ -36,9 +39,10 @@ class LinearGrads:
         self.b_gemm = bias.detach().to(gemm_dtype) if bias is not None else None
         # fp32_grad_input with half operands: CUDA's addmm reads them as they are (out_dtype); elsewhere W is
         # upcast here once, not as a [V, H] float32 temporary in every chunk
-        self.fp32_dx = (self.dX is not None and fp32_grad_input and self.dX.dtype == torch.float32
+        self.fp32_dx = (self.dX is not None and (fp32_grad_input or dx_fp32) and self.dX.dtype == torch.float32
                         and self.w_gemm.dtype != torch.float32)
-        self.w_dx = self.w_gemm.float() if self.fp32_dx and X.device.type != "cuda" else self.w_gemm
+        upcast_w = self.fp32_dx and fp32_grad_input and X.device.type != "cuda"
+        self.w_dx = self.w_gemm.float() if upcast_w else self.w_gemm
 
     def add_chunk(self, start: int, end: int, x_c: torch.Tensor, dz: torch.Tensor | None) -> None:
         """Rows ``start:end`` of dX, and their share of dW and db, from ``dz`` ([c, V]; None: no gradient)."""
@@ -51,11 +55,10 @@ class LinearGrads:
         if dX is not None:
             if dX.dtype == dz.dtype:
                 torch.mm(dz, self.w_gemm, out=dX[start:end])  # [c, V] @ [V, H]
-            elif self.fp32_dx:  # half operands, float32 result
-                if self.w_dx.dtype == torch.float32:
-                    torch.mm(dz.float(), self.w_dx, out=dX[start:end])
-                else:
-                    _addmm_fp32(dX[start:end].zero_(), dz, self.w_dx)
+            elif self.fp32_dx and self.w_dx.dtype == torch.float32:  # half operands, float32 result
+                torch.mm(dz.float(), self.w_dx, out=dX[start:end])
+            elif self.fp32_dx and dX.device.type == "cuda":
+                _addmm_fp32(dX[start:end].zero_(), dz, self.w_dx)
             else:  # as autograd of F.linear under autocast: dX in the GEMM's dtype, then cast to X's
                 dX[start:end].copy_(torch.mm(dz, self.w_gemm))
         if self.need_w:

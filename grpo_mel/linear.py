@@ -21,7 +21,7 @@ not needed: no dW for a frozen W, no dX for an X that does not require grad, and
 received no gradient (e.g. an entropy that is only logged) are not differentiated. Where a backward will
 follow, the forward keeps the last chunk's f graph, so that chunk is not recomputed (all rows when one chunk
 holds them; docs/design.md, "The kept last chunk"). With a frozen head (no dW or db: a LoRA policy's LM head)
-and float32 GEMMs the forward differentiates each chunk's f with a unit upstream gradient per row and keeps
+the forward differentiates each chunk's f with a unit upstream gradient per row and keeps
 ``dZ_c·W`` ([N, H]); the backward multiplies the upstream gradients in and recomputes nothing (docs/design.md,
 "The frozen head").
 
@@ -57,15 +57,12 @@ def choose_strategy(call: Call, X, weight, bias, row_args) -> Strategy:
 
     * no backward can follow (grad mode off, or nothing requires grad): :class:`Recompute` without a kept graph
       (each chunk's f runs once, under ``no_grad``);
-    * a frozen head (neither W nor b needs a gradient) with float32/float64 GEMMs: :class:`GradsAhead`;
+    * a frozen head (neither W nor b needs a gradient): :class:`GradsAhead`;
     * otherwise :class:`Recompute` keeping the last chunk's graph.
     """
     if not call.opts.grad_follows or call.n == 0:
         return Recompute(call)
-    # with half-precision GEMMs, dZ·W formed before the upstream gradient is known rounds dZ to the half dtype without
-    # it, and dX would differ from autograd's by up to a half-precision ulp (docs/design.md, "The frozen head"); the
-    # recompute keeps autograd's roundings there
-    if not call.needs.w and not call.needs.b and call.gemm_dtype in (torch.float32, torch.float64):
+    if not call.needs.w and not call.needs.b:
         return GradsAhead(call, X, weight, bias, row_args)
     return Recompute(call, keep_last=True)
 

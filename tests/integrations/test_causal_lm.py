@@ -213,7 +213,12 @@ def test_qlora_4bit_model(tmp_path):
     out, g = _loss_grads(model, params, **batch)
     assert out.logits is None
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
-    _assert_grads(g, ref_g)
+    if model.lm_head.weight.dtype == torch.float32:
+        _assert_grads(g, ref_g)
+    else:  # transformers 4.53 / 4.57 load the head in fp16: its frozen head's gradients are formed in the forward,
+        # as accurate as autograd's in fp16, not its roundings (tests/core/test_parity.py); TRL's bf16 tolerance
+        for a, b in zip(g, ref_g):
+            assert float((a - b).norm() / b.norm().clamp_min(1e-12)) < 3e-3
 
 
 def test_autocast_bf16_cpu():

@@ -69,9 +69,18 @@ class _CompiledCall:
             with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
                 return c(*self.args, z, *row_args, **self.kwargs)
         except torch._dynamo.exc.TorchDynamoException as e:
-            _FAILED[self.base] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            _FAILED[self.base] = _why(e)
             _warn_once(self.base, _FAILED[self.base])
             return self.fn(z, *row_args)
+
+
+def _why(e: BaseException) -> str:
+    """The error and, where it wraps one, the error inside it that caused it (first lines)."""
+    root = e
+    while getattr(root, "inner_exception", None) or root.__cause__:
+        root = getattr(root, "inner_exception", None) or root.__cause__
+    first = (str(root).strip().splitlines() or [""])[0]
+    return type(e).__name__ + (f" ({type(root).__name__}: {first})" if root is not e else f": {first}")
 
 
 _WARNED: set = set()

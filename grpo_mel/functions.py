@@ -60,9 +60,16 @@ def _log_softmax(z, temperature, softcap, logit_scale) -> torch.Tensor:
 
 
 def _label_logprob(logp: torch.Tensor, labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
-    # log_softmax + gather: one fused pass forward and one backward (gather - logsumexp costs ~2x on CPU)
     safe, valid = _safe_labels(labels, ignore_index)
-    lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    if torch.compiler.is_compiling():
+        # compiled (grpo_mel._compiled): the label's entry picked by a comparison with the column index, which
+        # Inductor fuses with the log-softmax into one reduction, and whose backward fuses with log-softmax's into
+        # one pass writing dZ (a gather's backward is a scatter into a [c, V] buffer of its own)
+        cols = torch.arange(logp.shape[-1], device=logp.device)
+        lp = torch.where(cols == safe.unsqueeze(-1), logp, 0.0).sum(-1)
+    else:
+        # eager: log_softmax + gather, one pass forward and one backward (gather - logsumexp costs ~2x on CPU)
+        lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return lp if valid is None else lp.masked_fill(~valid, 0.0)
 
 
@@ -92,6 +99,13 @@ def token_logprobs_and_entropy(z, labels, temperature=1.0, softcap=None, logit_s
 def cross_entropy(z, labels, ignore_index=-100, label_smoothing=0.0, softcap=None, logit_scale=1.0):
     """Per-row cross-entropy ([c]), 0 at ignored rows; float32 as ``F.cross_entropy`` on the logits as
     :func:`prepare_logits` gives them (the model's ``logit_scale`` and ``softcap``, no temperature)."""
+    if torch.compiler.is_compiling():  # F.cross_entropy's formula, with the label picked as in _label_logprob
+        logp = _log_softmax(z, 1.0, softcap, logit_scale)
+        loss = -_label_logprob(logp, labels, ignore_index)
+        if label_smoothing:
+            smooth = -logp.mean(-1)
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth.masked_fill(labels == ignore_index, 0.0)
+        return loss
     return F.cross_entropy(
         prepare_logits(z, softcap=softcap, logit_scale=logit_scale), labels.long(), ignore_index=ignore_index,
         reduction="none", label_smoothing=label_smoothing,
@@ -120,6 +134,7 @@ def z_loss(z):
     return torch.logsumexp(z.float(), dim=-1).pow(2)
 
 
+@torch.compiler.disable  # reads two numbers back to the host: a caller's torch.compile stops here, without a warning
 def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int | None = None) -> None:
     """Raise ``ValueError`` if a label is outside ``[0, vocab_size)`` and is not ``ignore_index``.
 

@@ -137,6 +137,14 @@ def _acc_dtype(r: torch.Tensor) -> torch.dtype:
     return r.dtype
 
 
+@torch.compiler.disable
+def _apply(opts: Options, *tensors):
+    """The Function, never traced by a caller's ``torch.compile`` (a user who compiles the model around the head):
+    that compile stops here, the chunks run as written (each f compiled by grpo_mel itself where ``compile`` says so),
+    and it resumes after."""
+    return ChunkedLinear.apply(opts, *tensors)
+
+
 def chunked_linear(
     X: torch.Tensor,
     weight: torch.Tensor,
@@ -193,6 +201,6 @@ def chunked_linear(
         t is not None and t.requires_grad for t in (X2, weight, bias, *flat_args))
     opts = Options(fn=compiled(fn) if use_compile else fn, chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input),
                    grad_follows=grad_follows)
-    outs = ChunkedLinear.apply(opts, X2, weight, bias, *flat_args)
+    outs = _apply(opts, X2, weight, bias, *flat_args)
     outs = tuple(o if o.dim() == 0 else o.view(*lead, *o.shape[1:]) for o in outs)
     return outs[0] if len(outs) == 1 else outs

@@ -132,9 +132,7 @@ class ModelSource:
     _fingerprint: Any = None
 
     def prepare(self) -> "ModelSource":
-        from arithmetic_task import tiny_tokenizer
-
-        from grpo_mel.testing import tiny_llama
+        from grpo_mel.testing import tiny_llama, tiny_tokenizer
 
         t0 = time.perf_counter()
         if self.name in (TINY, LLAMA_1B_RANDOM):

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import runpy
 import sys
+from typing import NoReturn
 
 #: grpo_mel's command-line options -> the ``patch_trl`` argument each sets
 FLAGS = {"--grpo_mel_chunk_size": "chunk_size", "--grpo_mel_memory_budget": "memory_budget",
@@ -26,8 +27,8 @@ ENV = {"chunk_size": "GRPO_MEL_CHUNK_SIZE", "memory_budget": "GRPO_MEL_MEMORY_BU
        "override_fused_head": "GRPO_MEL_OVERRIDE_FUSED_HEAD"}
 _FUSED = {"auto": None, "true": True, "false": False}
 #: what each option takes and means, for the help text
-_HELP = {"chunk_size": ("ROWS", "rows (completion tokens) per LM-head chunk, an integer >= 1 (default: planned from the "
-                                "memory budget)"),
+_HELP = {"chunk_size": ("ROWS", "rows (completion tokens) per LM-head chunk, an integer >= 1 (default: planned from "
+                                "the memory budget)"),
          "memory_budget": ("BYTES", "bytes for one chunk's working set, > 0 (default: 96 MiB on the CPU, a share of "
                                     "free memory on CUDA)"),
          "override_fused_head": ("auto|true|false", "on TRL >= 1.15 (its own fused head): true = grpo_mel's head, "
@@ -105,7 +106,7 @@ def options_from(argv: list[str], environ=os.environ) -> tuple[dict, list[str]]:
     return parse_options(raw), rest
 
 
-def fail(prog: str, msg: str, status: int = 2):
+def fail(prog: str, msg: str, status: int = 2) -> NoReturn:
     """Stop with one line on stderr (no traceback) and ``status`` (2, as argparse does for bad arguments)."""
     print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(status)
@@ -124,8 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = "grpo_mel.integrations.trl_run"
     if not argv or argv[0].startswith("-"):
-        fail(prog, "usage: python -m grpo_mel.integrations.trl_run <command: grpo, rloo, ...> [TRL's arguments] "
-                   "[--grpo_mel_chunk_size ROWS] [--grpo_mel_memory_budget BYTES] "
+        fail(prog, "a command comes first: python -m grpo_mel.integrations.trl_run <command: grpo, rloo, ...> "
+                   "[TRL's arguments] [--grpo_mel_chunk_size ROWS] [--grpo_mel_memory_budget BYTES] "
                    "[--grpo_mel_override_fused_head auto|true|false]")
     command = argv[0]
     try:

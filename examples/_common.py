@@ -5,6 +5,7 @@ Not a public API; the examples import it from their own directory.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import ctypes
@@ -30,13 +31,20 @@ def device() -> torch.device:
 
 
 def quiet() -> None:
-    """Less noise from transformers / datasets / warnings in the examples' output."""
+    """Less noise from transformers / datasets / warnings in the examples' output: only errors are shown.
+
+    Besides the Python loggers: torch's profiler (``--cpu-measure torch``) has kineto print two ``USDT:`` lines per
+    profiled step unless its log level is above them (read when the profiler first starts, so setting it here is in
+    time); DeepSpeed, when installed (the ``dev`` extra), warns that it falls back to the CPU unless told so."""
     import logging
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # kineto's levels run 0 (verbose) .. 5 (USDT): none of them
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "datasets", "trl", "accelerate", "peft"):
+    for name in ("transformers", "datasets", "trl", "accelerate", "peft", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import transformers
@@ -68,6 +76,40 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# argument types: a bad number is an argparse error naming the option and the value
+# --------------------------------------------------------------------------------------------------
+
+def int_at_least(lo: int):
+    """An argparse ``type``: an integer >= ``lo``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text!r}")
+        return value
+
+    return parse
+
+
+def finite_float(lo: float | None = None, strict: bool = True):
+    """An argparse ``type``: a finite float, above ``lo`` (``strict``) or at least ``lo``."""
+    bound = "" if lo is None else f" {'>' if strict else '>='} {lo:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a finite number{bound}, got {text!r}") from None
+        if not math.isfinite(value) or (lo is not None and (value <= lo if strict else value < lo)):
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}")
+        return value
+
+    return parse
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,15 +168,14 @@ class ModelSource:
     seed: int = 0
     tokenizer: Any = None
     description: str = ""
+    short: str = ""  # a few words, for a plot title
     _pristine: Any = None
     _tmpdir: Any = None
     _path: str | None = None
     _fingerprint: Any = None
 
     def prepare(self) -> "ModelSource":
-        from arithmetic_task import tiny_tokenizer
-
-        from grpo_mel.testing import tiny_llama
+        from grpo_mel.testing import tiny_llama, tiny_tokenizer
 
         t0 = time.perf_counter()
         if self.name in (TINY, LLAMA_1B_RANDOM):
@@ -149,11 +190,13 @@ class ModelSource:
                 model = model.to(self.dtype)
                 self.description = (f"tiny Llama (random, vocab {model_vocab}, hidden {self.tiny_hidden}, "
                                     f"{self.tiny_layers} layers)")
+                self.short = f"tiny Llama, vocab {model_vocab}"
             else:
                 # 1.2B parameters: not kept as a pristine copy; rebuilt from the seed by every load()
                 model = self._build_1b(torch.device("cpu")) if self.load_in_4bit else None
                 self.description = (f"Llama-3.2-1B architecture, random weights (vocab 128256, "
                                     f"tokenizer {len(self.tokenizer)} ids)")
+                self.short = "Llama-3.2-1B architecture, random weights"
             check_decode(self.tokenizer, model_vocab)
             if self.load_in_4bit:
                 self._tmpdir = tempfile.TemporaryDirectory(prefix="grpo_mel_example_")
@@ -171,6 +214,7 @@ class ModelSource:
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             self.description = f"{self.name} (pretrained weights)"
+            self.short = os.path.basename(os.path.normpath(self.name))
         self.prepare_s = time.perf_counter() - t0
         return self
 
@@ -321,18 +365,43 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b))
 
 
-def print_curves(runs: list[RunResult], key: str = "loss") -> None:
+def print_curves(runs: list[RunResult], key: str = "loss", title: bool = True) -> None:
+    """``key`` per step for each run side by side, and for two runs their |Δ|; ``title=False``: the caller printed
+    the heading. Values that are all near 0 (GRPO's loss) print in scientific notation, not as ``-0.000000``."""
     series = [r.losses if key == "loss" else r.metrics.get(key, []) for r in runs]
     n = max((len(s) for s in series), default=0)
     w = max(14, *(len(r.label) for r in runs))
-    print(f"\n{key} per step")
+    small = all(abs(x) < 1e-3 for s in series for x in s)
+    fmt = ".3e" if small else ".6f"
+    if title:
+        print(f"\n{key} per step")
     print(f"{'step':>5} " + " ".join(f"{r.label:>{w}}" for r in runs) + (f" {'|Δ|':>{w}}" if len(runs) == 2 else ""))
     for i in range(n):
-        cells = [f"{s[i]:>{w}.6f}" if i < len(s) else f"{'-':>{w}}" for s in series]
+        cells = [f"{s[i]:>{w}{fmt}}" if i < len(s) else f"{'-':>{w}}" for s in series]
         d = ""
         if len(runs) == 2 and i < len(series[0]) and i < len(series[1]):
             d = f" {abs(series[0][i] - series[1][i]):>{w}.2e}"
         print(f"{i + 1:>5} " + " ".join(cells) + d)
+
+
+def peak_key(cpu_measure: str) -> str:
+    """The PeakMemoryCallback key a run on this machine logs (its ``device=None``: CUDA when there is one)."""
+    if device().type == "cuda":
+        return "peak_vram_gb"
+    return "peak_cpu_alloc_gb" if cpu_measure == "torch" else "peak_rss_gb"
+
+
+#: what each PeakMemoryCallback key measures, in words
+MEASURES = {
+    "peak_vram_gb": "CUDA allocator peak, torch.cuda.max_memory_allocated",
+    "peak_rss_gb": "process peak RSS",
+    "peak_cpu_alloc_gb": "torch CPU allocator peak above the step's start, via torch.profiler",
+}
+
+
+def measure(key: str) -> str:
+    """``"peak_cpu_alloc_gb: torch CPU allocator peak ..."``: the key and what it measures."""
+    return f"{key}: {MEASURES[key]}" if key in MEASURES else (key or "peak")
 
 
 def peak_table(runs: list[RunResult]) -> str:
@@ -342,7 +411,7 @@ def peak_table(runs: list[RunResult]) -> str:
     per_run = [{s["step"]: s[r.peak_key] for s in r.callback.steps} for r in runs]
     col = max(12, *(len(r.label) for r in runs))
     head = f"{'step':>6} " + " ".join(f"{r.label:>{col}}" for r in runs)
-    lines = [f"{key} per optimizer step (GiB)", head, "-" * len(head)]
+    lines = [f"peak memory per optimizer step, GiB ({measure(key)})", head, "-" * len(head)]
     for st in sorted({st for p in per_run for st in p}):
         lines.append(f"{st:>6} " + " ".join(f"{p[st]:>{col}.4f}" if st in p else f"{'-':>{col}}" for p in per_run))
     maxes = [max(p.values()) if p else None for p in per_run]
@@ -359,6 +428,8 @@ def print_memory(runs: list[RunResult]) -> None:
 
 
 def plot_peaks(runs: list[RunResult], path: str, title: str) -> str:
+    """Each run's peak memory per optimizer step, on a y-axis from 0 (so allocator or RSS noise of a few MB does
+    not look like a spike), labelled in words; the measure goes under the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,16 +437,18 @@ def plot_peaks(runs: list[RunResult], path: str, title: str) -> str:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in runs:
-        ax.plot(range(1, len(r.peaks) + 1), r.peaks, marker="o", label=f"{r.label} (max {r.max_peak:.3f})")
+        ax.plot(range(1, len(r.peaks) + 1), r.peaks, marker="o", label=f"{r.label} (max {r.max_peak:.3f} GiB)")
     ax.set_xlabel("optimizer step")
-    key = runs[0].peak_key if runs else "peak"
-    ax.set_ylabel(f"{key} (GiB)")
-    import textwrap
-
-    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=10)
+    ax.set_ylabel("peak memory per step, GiB")
+    top = max((r.max_peak for r in runs if r.peaks), default=1.0)
+    ax.set_ylim(0, top * 1.3 if top > 0 else 1.0)  # headroom above the highest curve for the legend
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    key = runs[0].peak_key if runs else ""
+    ax.set_title(title, fontsize=11)
+    fig.text(0.5, 0.01, measure(key), ha="center", fontsize=8, color="0.35")
     ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(loc="upper center", ncol=len(runs), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -144,6 +144,7 @@ def run_once(src: C.ModelSource, args, patched: bool, dataset) -> C.RunResult:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    pos_int, pos_float = C.int_at_least(1), C.finite_float(0.0)
     p.add_argument("--model", default=C.TINY,
                    help=f"'{C.TINY}' (default: small random Llama), '{C.LLAMA_1B_RANDOM}' (Llama-3.2-1B "
                         "architecture, random weights), or a local path / hub id of a causal LM")
@@ -151,27 +152,27 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (implies --no-4bit)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: bfloat16 on a GPU that supports it, else float32)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--learning-rate", type=float, default=2e-4)
-    p.add_argument("--lora-r", type=int, default=32)
-    p.add_argument("--lora-alpha", type=int, default=64)
-    p.add_argument("--num-rows", type=int, default=256, help="rows of the generated dataset")
+    p.add_argument("--steps", type=pos_int, default=10)
+    p.add_argument("--grad-accum", type=pos_int, default=2)
+    p.add_argument("--max-length", type=pos_int, default=1024)
+    p.add_argument("--learning-rate", type=pos_float, default=2e-4)
+    p.add_argument("--lora-r", type=pos_int, default=32)
+    p.add_argument("--lora-alpha", type=pos_int, default=64)
+    p.add_argument("--num-rows", type=pos_int, default=256, help="rows of the generated dataset")
     p.add_argument("--seed", type=int, default=3407)
-    p.add_argument("--chunk-size", type=int, default=None, help="rows per LM-head chunk (default: planned)")
-    p.add_argument("--memory-budget", type=float, default=None, help="bytes per chunk when --chunk-size is unset")
+    p.add_argument("--chunk-size", type=pos_int, default=None, help="rows per LM-head chunk (default: planned)")
+    p.add_argument("--memory-budget", type=pos_float, default=None, help="bytes per chunk when --chunk-size is unset")
     p.add_argument("--cpu-measure", default="rss", choices=["rss", "torch"],
                    help="CPU peak memory: process peak RSS (rss) or torch allocator peak via torch.profiler (torch)")
-    p.add_argument("--tiny-vocab", type=int, default=2048, help="tokenizer (and tiny model) vocabulary")
+    p.add_argument("--tiny-vocab", type=pos_int, default=2048, help="tokenizer (and tiny model) vocabulary")
     p.add_argument("--tiny-hidden", type=int, default=64)
-    p.add_argument("--tiny-layers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--tiny-layers", type=pos_int, default=2)
+    p.add_argument("--threads", type=pos_int, default=None,
                    help="torch CPU threads (default: 1 for the tiny default model on CPU, else torch's default)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the untimed warm-up forward/backward (one-time kernel compilation would then be "
                         "charged to the first run's runtime)")
-    p.add_argument("--tolerance", type=float, default=None,
+    p.add_argument("--tolerance", type=C.finite_float(0.0, strict=False), default=None,
                    help="exit with status 1 if max |Δloss| exceeds this (default: report only)")
     p.add_argument("--output-dir", default=os.path.join("outputs", "sft_loss_match"))
     args = p.parse_args(argv)

@@ -3,6 +3,8 @@ different number."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -22,12 +24,21 @@ def as_outputs(out) -> tuple[torch.Tensor, ...]:
     )
 
 
+def check_x(X) -> None:
+    """X is a tensor of at least 2 dimensions, ``[..., H]`` with one or more leading (row) dimensions: a 1-D X would
+    be one hidden vector with no row axis, which none of the entry points' outputs (one value per row) can index."""
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"X must be a tensor [..., H], got {type(X).__name__}")
+    if X.dim() < 2:
+        raise ValueError(f"X must have at least 2 dimensions [N, H] or [..., N, H] (rows, then hidden), got shape "
+                         f"{tuple(X.shape)}; for a single row use X[None]")
+
+
 def validate_inputs(X, weight, bias, row_args, reduction) -> None:
     """chunked_linear's arguments: a clear error naming the problem, before any work."""
-    if not isinstance(X, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("X and weight must be tensors")
-    if X.dim() < 1:
-        raise ValueError(f"X must have at least 1 dimension [..., H], got shape {tuple(X.shape)}")
+    check_x(X)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor [V, H], got {type(weight).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
     if X.shape[-1] != weight.shape[1]:
@@ -65,6 +76,14 @@ def validate_inputs(X, weight, bias, row_args, reduction) -> None:
             raise ValueError(f"device mismatch: row argument {k} is on {a.device} but X is on {X.device}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_temperature(temperature) -> None:
+    """A finite number > 0 (the logits are divided by it; 0 gives NaN and a negative one reverses them)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__} {temperature!r}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
 
 
 def check_chunk_outputs(res: Sequence[torch.Tensor], scalar: Sequence[bool], rows: int) -> None:

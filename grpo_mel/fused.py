@@ -9,6 +9,7 @@ import functools
 
 import torch
 
+from ._checks import check_temperature, check_x
 from .functions import check_labels, cross_entropy, token_logprobs, token_logprobs_and_entropy
 from .linear import chunked_linear
 
@@ -27,6 +28,7 @@ def linear_cross_entropy(
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_x(X)
     _check_row_labels(X, labels)
     check_labels(labels, weight.shape[0], ignore_index)
     fn = functools.partial(cross_entropy, ignore_index=ignore_index, label_smoothing=label_smoothing,
@@ -47,9 +49,12 @@ def linear_token_logprobs(
 ):
     """Per-token log-probs (and entropies if ``with_entropy``) of ``labels`` under ``softmax((X·Wᵀ+b)/T)``.
 
+    ``X`` is ``[..., N, H]`` (at least 2-D), ``labels`` X's leading shape; ``temperature`` a finite number > 0.
     Returns a tensor shaped like ``labels`` (or a pair of them), float32. ``chunk_size``, ``memory_budget``,
     ``compile``: as :func:`grpo_mel.chunked_linear`.
     """
+    check_x(X)
+    check_temperature(temperature)
     _check_row_labels(X, labels)
     check_labels(labels, weight.shape[0], ignore_index)
     kw = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index)

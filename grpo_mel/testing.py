@@ -1,9 +1,18 @@
 """Small transformers models built locally, for tests, examples and benchmarks (needs the ``trl`` extra's
 transformers; nothing in grpo_mel's core imports it).
 
-Nothing here downloads anything: models are built from configs with random weights (seeded).
+Nothing here downloads anything: models are built from configs with random weights (seeded), and
+:func:`tiny_tokenizer` trains a small byte-level BPE tokenizer on generated text, so a first GRPO run needs no
+network::
+
+    from grpo_mel.testing import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()                                  # len(tok) <= 1024
+    model = tiny_llama(vocab_size=len(tok), tokenizer=tok)  # bos / eos / pad ids from the tokenizer
+    save_tiny_llama("model")                                # or both saved as a local model directory
+
 ``llama_1b_config()`` is the Llama-3.2-1B architecture (for memory measurements without the real weights). The
-tokenizer and the reward task the tests and examples train on are ``examples/arithmetic_task.py``.
+reward task the tests and examples train on is ``examples/arithmetic_task.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +20,8 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "tiny_tokenizer",
+    "save_tiny_llama",
     "tiny_llama",
     "tiny_gemma2",
     "tiny_qwen2",
@@ -22,6 +33,61 @@ __all__ = [
     "tiny_qwen3_moe",
     "llama_1b_config",
 ]
+
+
+def tiny_tokenizer(vocab_size: int = 1024, seed: int = 0):
+    """A ``PreTrainedTokenizerFast`` (byte-level BPE) trained on generated text (sums, differences, words and random
+    letter strings), with ``<pad>`` / ``<s>`` / ``</s>`` / ``<unk>`` tokens, left padding and a minimal chat template.
+
+    ``len(tok)`` is at most ``vocab_size`` (BPE may learn fewer merges than asked on a small corpus); build models
+    with ``vocab_size=len(tok)`` or larger. Deterministic for a given ``vocab_size`` and ``seed``; a few seconds.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(4000, seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.padding_side = "left"
+    # A minimal chat template, for code paths that format conversations.
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    return fast
+
+
+def _corpus(n_lines: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "sum", "of", "and", "is", "answer", "minus", "plus", "equals", "number", "question"]
+    lines = []
+    for _ in range(n_lines):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        # random letter strings give BPE enough distinct merges to reach vocabularies of a few thousand
+        junk = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 6))) for _ in range(4)]
+        lines.append(f"{a}+{b}={a + b} {a}-{b}={a - b} " + " ".join(rng.choices(words, k=6) + junk))
+    return lines
+
+
+def save_tiny_llama(path: str, vocab_size: int = 1024, seed: int = 0) -> str:
+    """:func:`tiny_llama` and its :func:`tiny_tokenizer` saved to ``path`` (``save_pretrained``): a local model
+    directory that ``from_pretrained(path)``, ``trl grpo --model_name_or_path path`` and ``grpo-mel`` load offline.
+    Returns ``path``."""
+    tok = tiny_tokenizer(vocab_size, seed=seed)
+    tiny_llama(vocab_size=len(tok), seed=seed, tokenizer=tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 def tiny_llama(

@@ -7,7 +7,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-venv="$(bash scripts/setup_env.sh)"
+venv="$(bash scripts/setup_env.sh dev)"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider "${@:-tests}"
 if [ "${GRPO_MEL_SKIP_GPU_SMOKE:-0}" != "1" ] && [ $# -eq 0 ]; then
   # every step of the GPU suite at tiny sizes on the CPU, so the suite cannot rot; fails if a step fails

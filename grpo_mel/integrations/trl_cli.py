@@ -3,6 +3,8 @@
     grpo-mel grpo --config recipe.yaml [any `trl grpo` argument]
     grpo-mel rloo --config recipe.yaml
     grpo-mel grpo --config recipe.yaml --grpo_mel_chunk_size 1024     # grpo_mel's own options, see below
+    grpo-mel --help                                                   # grpo_mel's part, then TRL's help
+    grpo-mel --version                                                # grpo_mel's and TRL's versions
 
 TRL's CLI (1.14+: ``trl.cli``) parses the command line and starts ``accelerate launch trl/scripts/<command>.py``;
 its training commands look ``launch_training_script`` up in ``trl.cli.accelerate_launcher`` when they run. Here
@@ -10,14 +12,26 @@ that one function is swapped for the duration of the call: the same ``accelerate
 script arguments, but running :mod:`grpo_mel.integrations.trl_run` as a module, which applies
 :func:`grpo_mel.patch_trl` in each process and then runs TRL's script. Every other command (``env``,
 ``vllm-serve``) is TRL's, untouched. grpo_mel's options (``--grpo_mel_chunk_size ROWS``, ``--grpo_mel_memory_budget
-BYTES``, ``--grpo_mel_override_fused_head auto|true|false``: :func:`grpo_mel.patch_grpo`'s arguments) are taken
-out of the command line and checked here, and reach every launched process through the environment
-(:data:`grpo_mel.integrations.trl_run.ENV`).
+BYTES``, ``--grpo_mel_override_fused_head auto|true|false``: :func:`grpo_mel.patch_grpo`'s arguments, or their
+``GRPO_MEL_*`` environment variables) are taken out of the command line and checked here, flags and variables
+alike, before anything is launched (a bad one: one line, exit status 2), and reach every launched process through
+the environment (:data:`grpo_mel.integrations.trl_run.ENV`).
+
+This module imports nothing of TRL at import time, so that without TRL (a core-only ``pip install grpo_mel``) the
+command says how to install it instead of failing on an import.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
 RUNNER = "grpo_mel.integrations.trl_run"
+PROG = "grpo-mel"
+INSTALL = "pip install 'grpo_mel[trl]'"
+#: the commands whose trainer grpo_mel patches (every other command runs as TRL's)
+PATCHED = {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer, TRL >= 1.14"}
+_TRL_PACKAGES = ("trl", "transformers", "accelerate", "datasets", "peft")
 
 
 def _launch(script_name: str, launch_args: list[str], training_script_args: list[str], **_) -> None:
@@ -30,27 +44,73 @@ def _launch(script_name: str, launch_args: list[str], training_script_args: list
                                                        *training_script_args]))
 
 
+def header() -> str:
+    """What ``grpo-mel --help`` prints before TRL's help."""
+    from .trl_run import options_help
+
+    patched = ", ".join(f"{c} ({t})" for c, t in PATCHED.items())
+    return "\n".join([
+        f"{PROG}: TRL's command line (`trl`) with grpo_mel's memory-efficient LM head in every training process.",
+        f"usage: {PROG} <command> [TRL's arguments for it] [grpo_mel's options]   |   {PROG} --version",
+        "",
+        f"Patched commands: {patched}: their per-token log-probs go through grpo_mel's chunked head.",
+        "Every other command (sft, dpo, env, vllm-serve, ...) runs exactly as TRL's.",
+        "",
+        options_help(),
+        "",
+        f"TRL's help follows (read `trl` as `{PROG}`; `{PROG} grpo --help` lists `trl grpo`'s arguments):",
+        "",
+    ])
+
+
+def _import_trl(prog: str = PROG):
+    """``trl``, or one line naming the install command and exit status 2 when TRL (or a package it needs) is not
+    installed."""
+    from .trl_run import fail
+
+    try:
+        import trl
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in _TRL_PACKAGES:
+            raise
+        fail(prog, f"{PROG} is TRL's command line with grpo_mel's patch and needs TRL ({e.name} is not installed): "
+                   f"{INSTALL}")
+    return trl
+
+
 def main(argv: list[str] | None = None) -> int:
-    import os
-    import sys
+    import grpo_mel
 
-    import trl
+    from .trl_run import ENV, OptionError, fail, options_from, options_help, pop_options
 
-    from .trl_run import ENV, pop_options, parse_options
-
-    raw, argv = pop_options(list(sys.argv[1:] if argv is None else argv))
-    parse_options(raw)  # a bad value stops here, before anything is launched
-    for key, value in raw.items():
-        os.environ[ENV[key]] = value
-
+    argv = list(sys.argv[1:] if argv is None else argv)
+    trl = _import_trl()
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"grpo_mel {grpo_mel.__version__}, TRL {trl.__version__}")
+        return 0
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    # grpo_mel's options, flags and GRPO_MEL_* variables alike, are checked before anything is launched
+    try:
+        options_from(argv, os.environ)
+        raw, argv = pop_options(argv)
+    except OptionError as e:
+        fail(PROG, str(e))
     try:
         from trl.cli import accelerate_launcher
         from trl.cli import main as trl_main
-    except ImportError as e:
-        raise SystemExit(
-            f"grpo-mel needs TRL's CLI of TRL >= 1.14 (trl.cli.accelerate_launcher); the installed TRL is "
-            f"{trl.__version__} ({e}). Run `accelerate launch -m {RUNNER} grpo ...` instead."
-        ) from e
+    except ImportError:
+        fail(PROG, f"the installed TRL is {trl.__version__}; {PROG} hands over to TRL's command line, which TRL has "
+                   f"from 1.14 (trl.cli). With this TRL run `accelerate launch -m {RUNNER} grpo ...` instead, or "
+                   "upgrade TRL")
+    if not argv or argv[:1] in (["-h"], ["--help"]):
+        print(header(), flush=True)
+        trl_main(["--help"])
+        return 0
+    if asks_help and argv[0] in PATCHED:
+        print(options_help() + "\n", flush=True)
+    for key, value in raw.items():
+        os.environ[ENV[key]] = value
+
     original = accelerate_launcher.launch_training_script
     accelerate_launcher.launch_training_script = _launch
     try:

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import runpy
 import sys
+from typing import NoReturn
 
 #: grpo_mel's command-line options -> the ``patch_trl`` argument each sets
 FLAGS = {"--grpo_mel_chunk_size": "chunk_size", "--grpo_mel_memory_budget": "memory_budget",
@@ -25,6 +26,31 @@ FLAGS = {"--grpo_mel_chunk_size": "chunk_size", "--grpo_mel_memory_budget": "mem
 ENV = {"chunk_size": "GRPO_MEL_CHUNK_SIZE", "memory_budget": "GRPO_MEL_MEMORY_BUDGET",
        "override_fused_head": "GRPO_MEL_OVERRIDE_FUSED_HEAD"}
 _FUSED = {"auto": None, "true": True, "false": False}
+#: what each option takes and means, for the help text
+_HELP = {"chunk_size": ("ROWS", "rows (completion tokens) per LM-head chunk, an integer >= 1 (default: planned from "
+                                "the memory budget)"),
+         "memory_budget": ("BYTES", "bytes for one chunk's working set, > 0 (default: 96 MiB on the CPU, a share of "
+                                    "free memory on CUDA)"),
+         "override_fused_head": ("auto|true|false", "on TRL >= 1.15 (its own fused head): true = grpo_mel's head, "
+                                                    "false = TRL's, auto (default) = TRL's where it runs its Triton "
+                                                    "kernel (CUDA), grpo_mel's elsewhere")}
+
+
+class OptionError(ValueError):
+    """A grpo_mel option (flag or environment variable) with a bad value; the message names the option, its variable
+    and the value. The commands print it as one line and exit with status 2, before anything is launched."""
+
+
+def options_help() -> str:
+    """grpo_mel's options for ``--help``: each flag with its environment variable, then what it takes."""
+    import textwrap
+
+    lines = ["grpo_mel's options (anywhere on the command line; a flag wins over its environment variable):"]
+    for flag, key in FLAGS.items():
+        metavar, meaning = _HELP[key]
+        lines.append(f"  {flag} {metavar}   (or {ENV[key]}=...)")
+        lines += textwrap.wrap(meaning, 110, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 def pop_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -36,7 +62,7 @@ def pop_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
         if name in FLAGS:
             if not eq:
                 if i + 1 >= len(argv):
-                    raise SystemExit(f"grpo_mel: {name} needs a value")
+                    raise OptionError(f"{name} needs a value")
                 i += 1
                 value = argv[i]
             raw[FLAGS[name]] = value
@@ -47,14 +73,15 @@ def pop_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def parse_options(raw: dict[str, str]) -> dict:
-    """Raw option strings -> ``patch_trl`` keyword arguments; a bad value exits naming the option and the value."""
+    """Raw option strings -> ``patch_trl`` keyword arguments; a bad value raises :class:`OptionError` naming the
+    option and the value."""
     flag = {v: k for k, v in FLAGS.items()}
     opts: dict = {}
     for key, value in raw.items():
         try:
             opts[key] = _parse(key, value)
         except (TypeError, ValueError) as e:
-            raise SystemExit(f"grpo_mel: {flag[key]} (or {ENV[key]}): bad value {value!r}: {e}") from None
+            raise OptionError(f"{flag[key]} (or {ENV[key]}): bad value {value!r}: {e}") from None
     return opts
 
 
@@ -71,28 +98,49 @@ def _parse(key: str, value: str):
 
 
 def options_from(argv: list[str], environ=os.environ) -> tuple[dict, list[str]]:
-    """``(patch_trl keyword arguments, TRL's arguments)``: the environment's options, then the command line's."""
+    """``(patch_trl keyword arguments, TRL's arguments)``: the environment's options, then the command line's (a flag
+    wins). Every value given is checked, a variable's too: :class:`OptionError` names the first bad one."""
     raw = {key: environ[name] for key, name in ENV.items() if environ.get(name, "") != ""}
     flags, rest = pop_options(argv)
     raw.update(flags)
     return parse_options(raw), rest
 
 
+def fail(prog: str, msg: str, status: int = 2) -> NoReturn:
+    """Stop with one line on stderr (no traceback) and ``status`` (2, as argparse does for bad arguments)."""
+    print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def summary_line(summary, opts: dict) -> str:
+    """What :func:`~grpo_mel.patch_trl` says it patched, as one line. It returns the patched trainers' names (a list)
+    or a summary object whose ``str`` is one line; the options are named for the list."""
+    if isinstance(summary, (list, tuple)):
+        shown = ", ".join(f"{k}={opts.get(k, 'default')}" for k in ENV)
+        return f"patched {', '.join(summary)} ({shown})"
+    return str(summary)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "grpo_mel.integrations.trl_run"
     if not argv or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m grpo_mel.integrations.trl_run <command: grpo, rloo, ...> [TRL's arguments] "
-                         "[--grpo_mel_chunk_size ROWS] [--grpo_mel_memory_budget BYTES] "
-                         "[--grpo_mel_override_fused_head auto|true|false]")
+        fail(prog, "a command comes first: python -m grpo_mel.integrations.trl_run <command: grpo, rloo, ...> "
+                   "[TRL's arguments] [--grpo_mel_chunk_size ROWS] [--grpo_mel_memory_budget BYTES] "
+                   "[--grpo_mel_override_fused_head auto|true|false]")
     command = argv[0]
-    opts, rest = options_from(argv[1:])
+    try:
+        opts, rest = options_from(argv[1:])
+    except OptionError as e:
+        fail(prog, str(e))
+    if importlib.util.find_spec("trl") is None:
+        fail(prog, "TRL is not installed: pip install 'grpo_mel[trl]'")
     if importlib.util.find_spec(f"trl.scripts.{command}") is None:
-        raise SystemExit(f"grpo_mel: the installed TRL has no training script trl/scripts/{command}.py")
+        fail(prog, f"the installed TRL has no training script trl/scripts/{command}.py")
     from . import patch_trl
 
-    patched = patch_trl(**opts)
-    shown = ", ".join(f"{k}={opts.get(k, 'default')}" for k in ENV)
-    print(f"grpo_mel: patched {', '.join(patched)} ({shown}) in process {os.getpid()}", file=sys.stderr, flush=True)
+    summary = patch_trl(**opts)
+    print(f"grpo_mel: {summary_line(summary, opts)} in process {os.getpid()}", file=sys.stderr, flush=True)
     sys.argv = [f"trl {command}", *rest]
     runpy.run_module(f"trl.scripts.{command}", run_name="__main__", alter_sys=True)
 

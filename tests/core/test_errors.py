@@ -54,8 +54,56 @@ def test_weight_and_x_rank(xwl):
     X, W, _, labels = xwl
     with pytest.raises(ValueError, match=r"weight must be \[V, H\]"):
         chunked_linear(X, W[0], G.token_logprobs, labels)
-    with pytest.raises(ValueError, match=r"X must have at least 1 dimension"):
+    with pytest.raises(ValueError, match=r"X must have at least 2 dimensions .* got shape \(\)"):
         chunked_linear(torch.tensor(1.0), W, G.z_loss)
+
+
+def test_one_dimensional_x_is_named_at_every_entry_point(xwl):
+    """A 1-D X (one hidden vector, no row axis) is refused naming X and its shape, not with torch's view() error."""
+    _, W, _, _ = xwl
+    x = torch.randn(H, requires_grad=True)
+    label = torch.tensor(3)
+    msg = r"X must have at least 2 dimensions \[N, H\] .* got shape \(8,\); for a single row use X\[None\]"
+    with pytest.raises(ValueError, match=msg):
+        chunked_linear(x, W, G.token_logprobs, label)
+    with pytest.raises(ValueError, match=msg):
+        linear_token_logprobs(x, W, label)
+    with pytest.raises(ValueError, match=msg):
+        linear_cross_entropy(x, W, label)
+    with pytest.raises(TypeError, match=r"X must be a tensor \[\.\.\., H\], got list"):
+        linear_token_logprobs([1.0] * H, W, label)
+    # one row is X[None]
+    lp = linear_token_logprobs(x[None], W, label[None])
+    assert lp.shape == (1,)
+
+
+@pytest.mark.parametrize("temperature,exc,msg", [
+    (0, ValueError, r"temperature must be finite and > 0, got 0"),
+    (0.0, ValueError, r"temperature must be finite and > 0, got 0.0"),
+    (-1.0, ValueError, r"temperature must be finite and > 0, got -1.0"),
+    (float("nan"), ValueError, r"temperature must be finite and > 0, got nan"),
+    (float("inf"), ValueError, r"temperature must be finite and > 0, got inf"),
+    ("1.0", TypeError, r"temperature must be a number, got str '1.0'"),
+    (None, TypeError, r"temperature must be a number, got NoneType None"),
+    (True, TypeError, r"temperature must be a number, got bool True"),
+])
+def test_bad_temperature(xwl, temperature, exc, msg):
+    X, W, _, labels = xwl
+    with pytest.raises(exc, match=msg):
+        linear_token_logprobs(X, W, labels, temperature=temperature)
+    with pytest.raises(exc, match=msg):
+        linear_token_logprobs(X, W, labels, temperature=temperature, with_entropy=True)
+
+
+def test_good_temperatures_are_accepted(xwl):
+    import numpy as np
+
+    X, W, _, labels = xwl
+    ref = linear_token_logprobs(X, W, labels, temperature=0.5)
+    for t in (1, 2.0, np.float32(0.5), np.float64(0.5)):
+        out = linear_token_logprobs(X, W, labels, temperature=t)
+        assert out.shape == labels.shape and bool(torch.isfinite(out).all())
+    torch.testing.assert_close(linear_token_logprobs(X, W, labels, temperature=np.float64(0.5)), ref)
 
 
 @pytest.mark.parametrize("bad_shape", [(2,), (3, 2), (2, 3, 1), (6,)])

@@ -17,7 +17,8 @@ def test_examples_peak_table():
         cb.steps = [{"step": st, cb.key: v, "run": label} for st, v in peaks.items()]
         runs.append(C.RunResult(label=label, callback=cb, peak_key=cb.key, peaks=cb.values))
     lines = C.peak_table(runs).splitlines()
-    assert lines[0] == "peak_cpu_alloc_gb per optimizer step (GiB)"
+    assert lines[0] == ("peak memory per optimizer step, GiB (peak_cpu_alloc_gb: torch CPU allocator peak above the "
+                        "step's start, via torch.profiler)")
     assert lines[1].split() == ["step", "unpatched", "patched"]
     rows = [line.split() for line in lines[3:]]
     assert rows == [["1", "2.0000", "1.0000"], ["2", "3.0000", "1.5000"], ["3", "2.5000", "-"],

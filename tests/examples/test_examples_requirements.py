@@ -136,3 +136,34 @@ def test_cli_exit_status_without_matplotlib():
     assert out.stdout == ""
     assert out.stderr.strip().splitlines() == [
         'grpo_reward_task.py: error: --plot needs matplotlib, which is not installed: pip install "grpo_mel[plot]"']
+
+
+@pytest.mark.parametrize("example,argv,expected", [
+    (GRPO, ["--chunk-size", "0"], "argument --chunk-size: must be an integer >= 1, got '0'"),
+    (GRPO, ["--chunk-size", "-3"], "argument --chunk-size: must be an integer >= 1, got '-3'"),
+    (GRPO, ["--chunk-size", "1.5"], "argument --chunk-size: expected an integer >= 1, got '1.5'"),
+    (GRPO, ["--memory-budget", "0"], "argument --memory-budget: must be a finite number > 0, got '0'"),
+    (GRPO, ["--memory-budget", "nan"], "argument --memory-budget: must be a finite number > 0, got 'nan'"),
+    (GRPO, ["--temperature", "0"], "argument --temperature: must be a finite number > 0, got '0'"),
+    (GRPO, ["--learning-rate", "inf"], "argument --learning-rate: must be a finite number > 0, got 'inf'"),
+    (GRPO, ["--beta", "-0.1"], "argument --beta: must be a finite number >= 0, got '-0.1'"),
+    (GRPO, ["--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
+    (GRPO, ["--num-generations", "1"], "argument --num-generations: must be an integer >= 2, got '1'"),
+    (GRPO, ["--tolerance", "-1"], "argument --tolerance: must be a finite number >= 0, got '-1'"),
+    (GRPO, ["--grad-norm-tolerance", "x"], "argument --grad-norm-tolerance: expected a finite number >= 0, got 'x'"),
+    (GRPO, ["--tiny-hidden", "60"], "argument --tiny-hidden: must be a multiple of 8 (4 attention heads of an even "
+                                    "size), got 60"),
+    (GRPO, ["--threads", "0"], "argument --threads: must be an integer >= 1, got '0'"),
+    (SFT, ["--chunk-size", "0"], "argument --chunk-size: must be an integer >= 1, got '0'"),
+    (SFT, ["--grad-accum", "0"], "argument --grad-accum: must be an integer >= 1, got '0'"),
+    (SFT, ["--memory-budget", "-5"], "argument --memory-budget: must be a finite number > 0, got '-5'"),
+])
+def test_bad_values_are_argparse_errors(capsys, no_model, example, argv, expected):
+    """A bad number stops the example when its arguments are parsed (argparse's usage, then one error line naming
+    the option and the value; status 2), not in a traceback after the model is built."""
+    with pytest.raises(SystemExit) as exc:
+        load_example(example).main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: ") and err[-1].startswith(f"{os.path.basename(sys.argv[0])}: error: ")
+    assert expected in err[-1], err[-1]

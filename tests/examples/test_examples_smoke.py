@@ -66,18 +66,27 @@ def test_grpo_example_patched_matches_unpatched(grpo_result):
             assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (key, a, b)
     calls = grpo_result["calls"]
     assert calls["unpatched"] == 0 and calls["patched"] > 0, calls  # the patched run went through grpo_mel
+    # the verdict: every compared quantity within its tolerance, and the peaks' ratio
+    assert grpo_result["ok"] is True
+    assert grpo_result["verdict"].startswith("verdict: patched matches unpatched over 3 steps (max |Δ|: loss ")
+    assert "grad_norm" in grpo_result["verdict"] and "x unpatched" in grpo_result["verdict"]
 
 
 @pytest.mark.parametrize("flag,value", [("auto", None), ("true", True), ("false", False)])
-def test_grpo_example_override_fused_head_reaches_the_patch(monkeypatch, flag, value):
-    """``--override-fused-head`` is handed to the patch as ``override_fused_head`` (the GPU suite passes ``true``)."""
+def test_grpo_example_override_fused_head_reaches_the_patch(monkeypatch, capsys, flag, value):
+    """``--override-fused-head`` is handed to the patch as ``override_fused_head`` (the GPU suite passes ``true``),
+    and what ``patch_grpo`` returns is printed (when not None) and undone on leaving."""
     from grpo_mel.integrations import trl_grpo
 
-    seen = {}
-    monkeypatch.setattr(trl_grpo, "grpo_patched", lambda **kw: seen.update(kw))
+    seen, undone = {}, []
+    monkeypatch.setattr(trl_grpo, "patch_grpo", lambda **kw: seen.update(kw) or "SUMMARY")
+    monkeypatch.setattr(trl_grpo, "unpatch_grpo", lambda: undone.append(1))
     mod = load_example("grpo_reward_task")
-    mod._patch_ctx(mod.parse_args(["--override-fused-head", flag]), patched=True)
+    with mod._patch_ctx(mod.parse_args(["--override-fused-head", flag]), patched=True) as summary:
+        assert summary == "SUMMARY"
     assert "override_fused_head" in seen and seen["override_fused_head"] is value
+    assert undone == [1]
+    assert capsys.readouterr().out == "patched run: SUMMARY\n"
 
 
 def _sft_main(argv):

@@ -27,7 +27,7 @@ from packaging.version import Version  # noqa: E402
 import grpo_mel  # noqa: E402
 from grpo_mel import testing as gt  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                "examples"))  # the local reward task and its tokenizer (examples/arithmetic_task.py)
+                                "examples"))  # the local reward task (examples/arithmetic_task.py)
 import arithmetic_task as task  # noqa: E402
 
 TRL_VERSION = Version(trl.__version__)
@@ -43,7 +43,7 @@ def _always_unpatched():
 
 @functools.lru_cache(None)
 def tokenizer(vocab_size: int = 1024):
-    return task.tiny_tokenizer(vocab_size)
+    return gt.tiny_tokenizer(vocab_size)
 
 
 def dataset(n: int = 8, seed: int = 0, ragged: bool = False):

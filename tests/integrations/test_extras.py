@@ -56,3 +56,22 @@ def test_core_dependencies_are_torch_alone():
     assert [d.split(">")[0] for d in project["dependencies"]] == ["torch"]
     trl_extra = {d.split(">")[0] for d in project["optional-dependencies"]["trl"]}
     assert trl_extra == set(EXTRA)
+
+
+_CLI_WITHOUT_EXTRA = _WITHOUT_EXTRA.split("import torch")[0] + """
+from grpo_mel.integrations.trl_cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_grpo_mel_command_without_trl_names_the_install_line():
+    """A core-only install still has the `grpo-mel` command: every use of it says how to get TRL, exit status 2."""
+    for argv in (["grpo", "--config", "recipe.yaml"], ["--help"], ["--version"]):
+        out = subprocess.run([sys.executable, "-c", _CLI_WITHOUT_EXTRA, *argv], capture_output=True, text=True,
+                             timeout=120, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+        assert out.returncode == 2, (argv, out.stdout, out.stderr)
+        assert out.stdout == ""
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1, (argv, out.stderr)
+        assert lines[0].startswith("grpo-mel: error: grpo-mel is TRL's command line with grpo_mel's patch and needs "
+                                   "TRL") and lines[0].endswith("pip install 'grpo_mel[trl]'"), lines[0]

@@ -155,18 +155,112 @@ def test_options_come_out_of_the_command_line_and_the_environment():
     (["--max_steps", "1", "--grpo_mel_chunk_size"], {}, r"--grpo_mel_chunk_size needs a value"),
 ])
 def test_bad_options_stop_with_the_option_named(argv, env, match):
-    from grpo_mel.integrations.trl_run import options_from
+    from grpo_mel.integrations.trl_run import OptionError, options_from
 
-    with pytest.raises(SystemExit, match=match):
+    with pytest.raises(OptionError, match=match):
         options_from(argv, env)
 
 
-@pytest.mark.skipif(TRL_VERSION < Version("1.14"), reason="grpo-mel hands over to trl.cli (TRL >= 1.14)")
-def test_grpo_mel_checks_its_options_before_launching(monkeypatch):
+def test_a_flag_overrides_a_bad_variable():
+    from grpo_mel.integrations.trl_run import options_from
+
+    assert options_from(["--grpo_mel_chunk_size", "8"], {"GRPO_MEL_CHUNK_SIZE": "-5"})[0] == {"chunk_size": 8}
+
+
+def _one_line_status_2(capsys, call, *expected) -> str:
+    with pytest.raises(SystemExit) as exc:
+        call()
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and out == "", (out, err)
+    for e in expected:
+        assert e in lines[0], (e, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    (["grpo", "--grpo_mel_chunk_size", "x", "--config", "r.yaml"], {}, "bad value 'x'"),
+    (["grpo", "--config", "r.yaml"], {"GRPO_MEL_CHUNK_SIZE": "-5"},
+     "--grpo_mel_chunk_size (or GRPO_MEL_CHUNK_SIZE): bad value '-5': chunk_size must be >= 1, got -5"),
+    (["rloo", "--config", "r.yaml"], {"GRPO_MEL_OVERRIDE_FUSED_HEAD": "yes"}, "GRPO_MEL_OVERRIDE_FUSED_HEAD"),
+    (["grpo", "--config", "r.yaml", "--grpo_mel_memory_budget"], {}, "--grpo_mel_memory_budget needs a value"),
+], ids=["flag", "variable", "variable-fused", "no-value"])
+def test_grpo_mel_checks_flags_and_variables_before_launching(monkeypatch, capsys, argv, env, expected):
     from grpo_mel.integrations import trl_cli
 
     launched = []
     monkeypatch.setattr(trl_cli, "_launch", lambda *a, **k: launched.append(a))
-    with pytest.raises(SystemExit, match="bad value 'x'"):
-        trl_cli.main(["grpo", "--grpo_mel_chunk_size", "x", "--config", "r.yaml"])
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    line = _one_line_status_2(capsys, lambda: trl_cli.main(argv), expected)
+    assert line.startswith("grpo-mel: error: ")
     assert not launched
+
+
+def test_the_runner_checks_its_variables_too(monkeypatch, capsys):
+    """The process `accelerate launch -m grpo_mel.integrations.trl_run` starts: a bad variable is one line, status 2."""
+    from grpo_mel.integrations import trl_run
+
+    monkeypatch.setenv("GRPO_MEL_CHUNK_SIZE", "0")
+    _one_line_status_2(capsys, lambda: trl_run.main(["grpo", "--config", "r.yaml"]), "GRPO_MEL_CHUNK_SIZE", "'0'")
+
+
+def test_bad_variable_from_the_shell_is_one_line_and_status_2(tmp_path):
+    """As a user types it: ``GRPO_MEL_CHUNK_SIZE=-5 grpo-mel grpo ...`` stops before launching, no traceback."""
+    cli = [sys.executable, "-c", "import sys; from grpo_mel.integrations.trl_cli import main; sys.exit(main())"]
+    out = subprocess.run(cli + ["grpo", "--config", "recipe.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONPATH=ROOT, GRPO_MEL_CHUNK_SIZE="-5"))
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert [line for line in out.stderr.splitlines() if line.startswith("grpo-mel")] == [
+        "grpo-mel: error: --grpo_mel_chunk_size (or GRPO_MEL_CHUNK_SIZE): bad value '-5': chunk_size must be >= 1, "
+        "got -5"]
+    assert "Traceback" not in out.stderr
+
+
+def test_version_names_both(capsys):
+    import trl
+
+    import grpo_mel
+    from grpo_mel.integrations import trl_cli
+
+    assert trl_cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"grpo_mel {grpo_mel.__version__}, TRL {trl.__version__}"
+
+
+@pytest.mark.skipif(TRL_VERSION < Version("1.14"), reason="grpo-mel hands over to trl.cli (TRL >= 1.14)")
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], []])
+def test_help_says_what_it_is_then_defers_to_trl(capsys, argv):
+    from grpo_mel.integrations import trl_cli
+    from grpo_mel.integrations.trl_run import ENV, FLAGS
+
+    with pytest.raises(SystemExit) as exc:  # TRL's argparse help exits
+        trl_cli.main(argv)
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    ours, _, theirs = out.partition("TRL's help follows")
+    assert ours.startswith("grpo-mel: TRL's command line (`trl`) with grpo_mel's memory-efficient LM head")
+    assert "Patched commands: grpo (GRPOTrainer), rloo (RLOOTrainer" in ours
+    for name in [*FLAGS, *ENV.values()]:
+        assert name in ours, name
+    assert "usage: trl" in theirs and "grpo" in theirs  # TRL's own help, after ours
+
+
+@pytest.mark.skipif(TRL_VERSION < Version("1.14"), reason="grpo-mel hands over to trl.cli (TRL >= 1.14)")
+def test_command_help_lists_grpo_mel_options_then_trls(capsys, monkeypatch):
+    from grpo_mel.integrations import trl_cli
+
+    monkeypatch.setattr(trl_cli, "_launch", lambda *a, **k: pytest.fail("--help launched something"))
+    with pytest.raises(SystemExit) as exc:
+        trl_cli.main(["grpo", "--help"])
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert out.index("--grpo_mel_chunk_size ROWS") < out.index("usage: trl grpo")
+
+
+@pytest.mark.skipif(TRL_VERSION >= Version("1.14"), reason="this TRL has the CLI grpo-mel hands over to")
+def test_an_old_trl_is_one_line_naming_the_alternative(capsys):
+    from grpo_mel.integrations import trl_cli
+
+    _one_line_status_2(capsys, lambda: trl_cli.main(["grpo", "--config", "r.yaml"]),
+                       f"the installed TRL is {TRL_VERSION}", "accelerate launch -m grpo_mel.integrations.trl_run")

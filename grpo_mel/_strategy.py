@@ -66,7 +66,7 @@ class Call:
 
     @classmethod
     def begin(cls, opts: Options, X, weight, bias, needs: Needs) -> "Call":
-        return cls(opts, X.shape[0], needs, _gemm_dtype(X, weight, bias), _autocast_state(X.device),
+        return cls(opts, X.shape[0], needs, gemm_dtype_of(X, weight, bias), _autocast_state(X.device),
                    (torch.get_rng_state(), *get_device_states(X)))
 
     @property
@@ -121,7 +121,7 @@ class Strategy:
         raise NotImplementedError
 
 
-def _gemm_dtype(X: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
+def gemm_dtype_of(X: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
     """The dtype ``F.linear(X, weight, bias)`` computes in here: the autocast dtype where autocast applies."""
     probe = chunk_logits(X[:0], weight[:0], None if bias is None else bias[:0])  # [0, 0]: no work, autocast's rule
     return probe.dtype

@@ -45,9 +45,10 @@ from ._checks import check_chunk_outputs, validate_inputs
 from ._chunk_graph import output_needs_grad
 from ._grads_ahead import GradsAhead
 from ._recompute import Recompute
-from ._strategy import Call, Needs, Options, Strategy
+from ._strategy import Call, Needs, Options, Strategy, gemm_dtype_of
 from ._compiled import compiled
-from .planning import default_compile, plan_chunk_size, validate_chunk_size, validate_compile, validate_memory_budget
+from .planning import (Head, default_compile, plan_chunk_size, validate_chunk_size, validate_compile,
+                       validate_memory_budget)
 
 __all__ = ["ChunkedLinear", "chunked_linear", "choose_strategy", "output_needs_grad"]
 
@@ -196,9 +197,11 @@ def chunked_linear(
     n = X2.shape[0]
     flat_args = tuple(a.reshape(n, *a.shape[len(lead):]) for a in row_args)
     use_compile = default_compile(X.device) if compile is None else compile
-    chunk = plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget)
     grad_follows = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (X2, weight, bias, *flat_args))
+    trained = grad_follows and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    head = Head(X.shape[-1], weight.dtype, gemm_dtype_of(X2, weight, bias), trained, use_compile)
+    chunk = plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget, head=head)
     opts = Options(fn=compiled(fn) if use_compile else fn, chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input),
                    grad_follows=grad_follows)
     outs = _apply(opts, X2, weight, bias, *flat_args)

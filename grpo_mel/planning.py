@@ -1,20 +1,32 @@
 """Chunk planning: how many rows of X go through the LM head at once.
 
-The Function's working set per chunk is a handful of ``[rows, V]`` tensors: the logits in the
+Memory. The Function's working set per chunk is a handful of ``[rows, V]`` tensors: the logits in the
 input dtype (freed once f has used them), their float32 upcast, the log-softmax f keeps for its
 backward, and in backward the gradients flowing through f. :func:`plan_chunk_size` turns a memory
 budget in bytes into a row count with the model
 
-    bytes(rows) = rows * V * (itemsize(input dtype) + LIVE_FP32_BUFFERS * 4)
+    bytes(rows) = rows * V * (itemsize(input dtype) + k * 4),   k = LIVE_FP32_BUFFERS (eager f) or
+                                                                     COMPILED_LIVE_FP32_BUFFERS (compiled f)
 
 and clamps it to ``[1, n_rows]``. The model is deliberately pessimistic (f's own temporaries vary);
 ``docs/design.md`` compares it with measured peaks.
+
+Time (given the :class:`Head`). Every chunk also pays a fixed cost: the GEMMs stream all of W (the forward's,
+the recompute's and dX's; two with a frozen head), a trained head reads and writes the float32 ``[V, H]`` dW
+accumulator, and each chunk has its kernel launches and Python. :func:`rows_for_time` prices it with a
+device's :class:`DeviceModel` against a row's own cost (its GEMM FLOPs and its passes over ``[V]``) and asks
+for the rows that make the fixed cost at most :data:`FIXED_COST_SHARE` of a chunk's time. The planner takes
+the fewer of those rows and the rows the memory budget allows, where the default budget counts what the call
+holds anyway (:meth:`Head.floor_bytes`: W, and a trained head's float32 accumulator and gradient): a chunk term
+up to half of that does not change the order of the call's peak. docs/design.md, "Planning a chunk", has the
+model, its constants and how they were measured.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +36,10 @@ import torch
 #: has used them), also with an entropy that is only logged; log-probs + an entropy that receives a gradient
 #: keep 5 (its graph saves the softmax; docs/benchmarks.md, "Buffers per chunk").
 LIVE_FP32_BUFFERS = 3
+#: The same for f compiled per chunk (grpo_mel._compiled): the built-in log-probs / cross-entropy keep the logits
+#: and dZ, fused forward and backward (measured with grpo_mel.memory: 2 float32 buffers at fp32 logits, 1.25 at bf16
+#: logits; tests/core/test_memory.py); the model counts the logits in their dtype plus one float32 buffer.
+COMPILED_LIVE_FP32_BUFFERS = 1
 #: Budget used on the CPU, and on CUDA when free memory cannot be read: 196 rows at V=32000 fp32, which
 #: keeps the peak of log-probs forward+backward at N=2048, H=256 near 0.14x the full-logits path
 #: (docs/benchmarks.md). It also keeps each float32 [rows, V] buffer at ~24 MiB, under glibc's largest
@@ -83,10 +99,74 @@ def default_memory_budget(device: torch.device) -> int:
     return DEFAULT_CPU_BUDGET_BYTES
 
 
-def bytes_per_row(vocab_size: int, dtype: torch.dtype) -> int:
+def bytes_per_row(vocab_size: int, dtype: torch.dtype, compiled: bool = False) -> int:
     """Modelled bytes one row of the chunk costs: the logits in ``dtype`` plus the fp32 buffers."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return vocab_size * (itemsize + LIVE_FP32_BUFFERS * 4)
+    k = COMPILED_LIVE_FP32_BUFFERS if compiled else LIVE_FP32_BUFFERS
+    return vocab_size * (itemsize + k * 4)
+
+
+#: The share of a chunk's time its fixed cost may take (docs/design.md, "Planning a chunk").
+FIXED_COST_SHARE = 0.04
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """What the head's work costs on a kind of device: sustained GEMM throughput, memory bandwidth and a fixed
+    overhead per chunk (launches, allocation, Python). Fitted from chunk-size sweeps (docs/design.md)."""
+
+    gemm_flops: float  # FLOP/s of the head's GEMMs in the dtype the device runs them in
+    bandwidth: float  # bytes/s streamed from memory (W, the dW accumulator, f's passes over [V])
+    overhead: float  # seconds per chunk besides streaming
+
+
+#: Per device type. CPU: this project's 2-core x86_64 machine, float32; CUDA: an H200 in bf16 (the only GPU
+#: measured; docs/design.md, "Planning a chunk", has the fits and their spread).
+DEVICE_MODELS = {
+    "cpu": DeviceModel(gemm_flops=190e9, bandwidth=20e9, overhead=2e-3),
+    "cuda": DeviceModel(gemm_flops=700e12, bandwidth=4.0e12, overhead=2.5e-4),
+}
+
+#: Passes over a row's [V] float32 values that f makes, forward and backward together (eager: the upcast,
+#: log-softmax, the gather and its scatter, log-softmax's backward; compiled: read the logits twice, write dZ).
+F_PASSES = {False: 12, True: 4}
+
+
+@dataclass(frozen=True)
+class Head:
+    """What the planner prices beyond the working set: the head's width, its dtypes, whether W (or b) is trained,
+    whether f runs compiled."""
+
+    hidden: int
+    weight_dtype: torch.dtype
+    gemm_dtype: torch.dtype
+    trained: bool
+    compiled: bool = False
+
+    def floor_bytes(self, vocab_size: int) -> int:
+        """The ``[V, H]`` tensors the call holds anyway: W (in its dtype) and, when W is trained, the float32 dW
+        accumulator and (when W is not float32) the gradient returned in W's dtype."""
+        vh, w = vocab_size * self.hidden, _itemsize(self.weight_dtype)
+        return vh * w + (vh * 4 + (vh * w if self.weight_dtype != torch.float32 else 0) if self.trained else 0)
+
+
+def rows_for_time(vocab_size: int, head: Head, device: torch.device | str) -> int:
+    """The rows that make a chunk's fixed cost :data:`FIXED_COST_SHARE` of its time, on ``device``'s model."""
+    model = DEVICE_MODELS.get(torch.device(device).type, DEVICE_MODELS["cpu"])
+    vh, g = vocab_size * head.hidden, _itemsize(head.gemm_dtype)
+    # per chunk: W streamed by each GEMM that reads it (forward, recompute, dX; a frozen head: forward and dX), and
+    # a trained head's float32 accumulator read and written by dW's GEMM
+    streamed = (3 * vh * g + 2 * vh * 4) if head.trained else 2 * vh * g
+    fixed = model.overhead + streamed / model.bandwidth
+    # per row: 2·H·V FLOPs per GEMM (trained: forward, recompute, dX, dW; frozen: forward, dX) and f's passes
+    per_row = (8 if head.trained else 4) * vh / model.gemm_flops + F_PASSES[head.compiled] * vocab_size * 4 / (
+        model.bandwidth)
+    share = FIXED_COST_SHARE
+    return max(1, math.ceil(fixed * (1 - share) / (share * per_row)))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def plan_chunk_size(
@@ -96,6 +176,7 @@ def plan_chunk_size(
     device: torch.device | str = "cpu",
     chunk_size: int | None = None,
     memory_budget: float | None = None,
+    head: Head | None = None,
 ) -> int:
     """Rows per chunk.
 
@@ -106,7 +187,11 @@ def plan_chunk_size(
         device: where the logits live; sets the default budget.
         chunk_size: a fixed row count (>= 1); wins over ``memory_budget``. May exceed ``n_rows``.
         memory_budget: bytes the per-chunk working set may use; None picks
-            :func:`default_memory_budget`.
+            :func:`default_memory_budget`, or with ``head`` the larger of that and half of
+            :meth:`Head.floor_bytes`.
+        head: the head's shape and training state: the rows are then also at most :func:`rows_for_time`'s
+            (none are spent beyond what makes the fixed cost a small share), and the memory model counts a
+            compiled f's buffers. None: the memory budget alone (eager f).
 
     Returns:
         An int in ``[1, max(n_rows, 1)]``.
@@ -118,5 +203,10 @@ def plan_chunk_size(
         return min(int(chunk_size), upper)
     if memory_budget is None:
         memory_budget = default_memory_budget(torch.device(device))
-    rows = int(memory_budget // max(bytes_per_row(vocab_size, dtype), 1))
+        if head is not None:
+            memory_budget = max(memory_budget, head.floor_bytes(vocab_size) // 2)
+    compiled = head is not None and head.compiled
+    rows = int(memory_budget // max(bytes_per_row(vocab_size, dtype, compiled), 1))
+    if head is not None:
+        rows = min(rows, rows_for_time(vocab_size, head, device))
     return max(1, min(rows, upper))

@@ -139,3 +139,63 @@ def test_tiny_memory_budget_still_works():
     out = chunked_linear(X, W, rec, labels, memory_budget=1)
     assert_close_fp32(out, naive_apply(X, W, ref_token_logprobs, labels))
     assert rec.rows == [1] * 13
+
+
+# --------------------------------------------------------------------------------------------------
+# the head-aware plan: a chunk's fixed cost priced, the floor the call holds anyway counted
+# --------------------------------------------------------------------------------------------------
+
+def _head(h=2048, trained=True, compiled=False, dtype=torch.float32):
+    return planning.Head(hidden=h, weight_dtype=dtype, gemm_dtype=dtype, trained=trained, compiled=compiled)
+
+
+def test_floor_bytes_counts_w_and_a_trained_heads_accumulator_and_gradient():
+    v, h = 1000, 64
+    assert _head(h, trained=False).floor_bytes(v) == v * h * 4
+    assert _head(h, trained=True).floor_bytes(v) == v * h * 4 + v * h * 4  # fp32 W: the accumulator is the gradient
+    assert _head(h, trained=True, dtype=torch.bfloat16).floor_bytes(v) == v * h * 2 + v * h * 4 + v * h * 2
+    assert _head(h, trained=False, dtype=torch.bfloat16).floor_bytes(v) == v * h * 2
+
+
+def test_rows_for_time_from_the_device_model():
+    """The model written out here: the rows r with fixed / (fixed + r·per_row) = FIXED_COST_SHARE."""
+    v, h = 128256, 2048
+    m = planning.DEVICE_MODELS["cpu"]
+    s = planning.FIXED_COST_SHARE
+    for trained, compiled in [(True, False), (False, False), (False, True)]:
+        streamed = (3 * v * h * 4 + 2 * v * h * 4) if trained else 2 * v * h * 4
+        fixed = m.overhead + streamed / m.bandwidth
+        per_row = (8 if trained else 4) * v * h / m.gemm_flops + planning.F_PASSES[compiled] * v * 4 / m.bandwidth
+        want = fixed * (1 - s) / (s * per_row)
+        got = planning.rows_for_time(v, _head(h, trained, compiled), "cpu")
+        assert want <= got < want + 1
+
+
+def test_head_plan_is_the_fewer_of_time_and_memory_rows():
+    v = 128256
+    for trained, compiled in [(True, False), (False, False), (True, True), (False, True)]:
+        head = _head(2048, trained, compiled)
+        budget = max(planning.DEFAULT_CPU_BUDGET_BYTES, head.floor_bytes(v) // 2)
+        mem_rows = budget // bytes_per_row(v, torch.float32, compiled)
+        want = min(mem_rows, planning.rows_for_time(v, head, "cpu"))
+        assert plan_chunk_size(10**6, v, torch.float32, "cpu", head=head) == want
+        # an explicit budget is the memory bound, the time rows still cap it
+        assert plan_chunk_size(10**6, v, torch.float32, "cpu", memory_budget=10**12, head=head) == \
+            planning.rows_for_time(v, head, "cpu")
+        assert plan_chunk_size(10**6, v, torch.float32, "cpu", memory_budget=3 * bytes_per_row(v, torch.float32,
+                                                                                                 compiled),
+                               head=head) == 3
+
+
+def test_head_plan_keeps_the_reference_shape_and_grows_chunks_at_large_w():
+    """At H=256, V=32000 (W is 31 MiB) the 96 MiB default still decides (196 eager rows, as without a head); at the
+    1B head (W is 1002 MiB) the floor lets a chunk hold more rows than the 49 the 96 MiB budget gave."""
+    assert plan_chunk_size(10_000, 32_000, torch.float32, "cpu", head=_head(256, True)) == 196
+    assert plan_chunk_size(10_000, 32_000, torch.float32, "cpu", head=_head(256, False)) == 196
+    for trained in (True, False):
+        assert plan_chunk_size(4096, 128256, torch.float32, "cpu", head=_head(2048, trained)) > 4 * 49
+
+
+def test_compiled_rows_cost_less():
+    assert bytes_per_row(1000, torch.float32, compiled=True) == 1000 * (4 + 4)
+    assert bytes_per_row(1000, torch.bfloat16, compiled=True) == 1000 * (2 + 4)

@@ -11,9 +11,9 @@ backward, which also keeps fewer ``[c, V]`` buffers alive (docs/design.md, "Comp
   graph are two graphs; ``output_needs_grad`` is read as a guarded value (one graph per answer).
 * Compiled functions are cached by the underlying Python function (``functools.partial`` arguments and keywords
   are passed through, so a front door's fresh partial per call finds the same cache entry).
-* The backward is compiled with the forward (``force_non_lazy_backward_lowering``, set only around this call), so
-  a compile failure surfaces at the first call: f then runs eagerly, for good, with one warning naming the
-  function and the error. Never a different number, only a slower one.
+* The backward is compiled with the forward (``force_non_lazy_backward_lowering``, set only while a graph
+  compiles), so a compile failure surfaces at the first call: f then runs eagerly, for good, with one warning
+  naming the function and the error. Never a different number, only a slower one.
 * Inside a region that is itself being compiled (a user's ``torch.compile`` of code that calls the head), f runs
   as written: the outer compile traces it.
 """
@@ -59,19 +59,31 @@ class _CompiledCall:
     def __call__(self, z: torch.Tensor, *row_args: torch.Tensor):
         if self.base in _FAILED or torch.compiler.is_compiling() or z.shape[0] == 0:
             return self.fn(z, *row_args)
+        # a chunk's rows of a row argument are a view at another storage offset in every chunk, and Dynamo guards
+        # on offsets 0 and 1: a copy (c elements) starts at 0 in all of them
+        row_args = tuple(a.clone() for a in row_args)
         for t in (z, *row_args):
             if t.dim() > 0:
                 torch._dynamo.decorators.mark_unbacked(t, 0)
         c = _COMPILED.get(self.base)
         if c is None:
-            c = _COMPILED[self.base] = torch.compile(self.base, dynamic=False)
+            c = _COMPILED[self.base] = torch.compile(self.base, backend=_inductor_with_backward, dynamic=False)
         try:
-            with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
-                return c(*self.args, z, *row_args, **self.kwargs)
+            return c(*self.args, z, *row_args, **self.kwargs)
         except torch._dynamo.exc.TorchDynamoException as e:
             _FAILED[self.base] = _why(e)
             _warn_once(self.base, _FAILED[self.base])
             return self.fn(z, *row_args)
+
+
+def _inductor_with_backward(gm, example_inputs):
+    """Inductor, with the backward compiled together with the forward (where AOTAutograd would defer it to the first
+    backward), so that a failure to compile either surfaces at the forward call; the setting is on only while
+    this graph compiles."""
+    from torch._inductor.compile_fx import compile_fx
+
+    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+        return compile_fx(gm, example_inputs)
 
 
 def _why(e: BaseException) -> str:

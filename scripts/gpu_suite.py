@@ -126,12 +126,12 @@ def run_example(name: str, path: str, argv: list[str]) -> None:
     """(child) ``examples/<name>.py``'s ``main(argv)``; its runs (losses, per-step peaks) as JSON at ``path``.
     ``grpo_mel_calls``: how often the patched run computed through grpo_mel, counted here (the examples and the
     library keep no counters) on the function each patch computes with."""
-    from grpo_mel.integrations import causal_lm, trl_grpo
+    from grpo_mel.integrations import _logps, causal_lm
 
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    obj, attr = (causal_lm, "causal_lm_loss") if name == "sft_loss_match" else (trl_grpo, "chunked_linear")
+    obj, attr = (causal_lm, "causal_lm_loss") if name == "sft_loss_match" else (_logps, "chunked_linear")
     real_fn, real_run, box, calls = getattr(obj, attr), mod.run_once, {"n": 0}, {}
 
     def counted(*a, **k):

@@ -14,17 +14,15 @@
 
 Signature and return type are those of the installed TRL's method, so every call site (policy, old policy,
 reference model, PEFT reference with adapters disabled, eval) goes through it. Inputs it does not handle
-(vision-language inputs, prompt-learning PEFT, a PEFT adapter on ``lm_head``) fall back to TRL's own method
-with a one-time warning. Which head a call on TRL >= 1.15 uses (TRL's fused one or grpo_mel's) is
+(vision-language inputs, prompt-learning PEFT, a PEFT adapter on ``lm_head``; found by
+:mod:`grpo_mel.integrations._trl_call`) fall back to TRL's own method with a one-time warning. Which head a call on TRL >= 1.15 uses (TRL's fused one or grpo_mel's) is
 :func:`choose_head`'s decision, the one the patch summary reports.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import inspect
 import logging
 import warnings
 from typing import Callable
@@ -34,20 +32,16 @@ import trl  # noqa: F401 - the `trl` extra (grpo_mel.__init__ names it when miss
 
 from ..functions import token_logprobs, token_logprobs_and_entropy
 from ..linear import chunked_linear
-from ._model import SavedForward, head_module, is_peft, logit_transform, unwrap_peft
+from ._model import SavedForward, head_module, logit_transform
 from ._options import Options
 from ._registry import first_time
 from ._summary import HeadChoice
+from ._trl_call import Target, bind_call, resolve_target
 from ._trl_compat import TRLFlavour
 
 __all__ = ["make_replacement", "choose_head"]
 
 _LOG = logging.getLogger("grpo_mel")
-
-_MM_KWARGS = (
-    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids", "pixel_position_ids",
-)
 
 
 def _warn_once(key: str, msg: str, stacklevel: int = 3) -> None:
@@ -65,10 +59,10 @@ def make_replacement(original: Callable, flavour: TRLFlavour, options: Options) 
     def _grpo_mel_per_token_logps(self, *args, **kwargs):
         if flavour.unsettled is not None:
             return original(self, *args, **kwargs)
-        call, reason = _bind(flavour, self, args, kwargs)
+        call, reason = bind_call(flavour, self, args, kwargs)
         target = None
         if reason is None:
-            target, reason = _resolve(self, call)
+            target, reason = resolve_target(self, call)
         if reason is not None:
             _warn_once(reason, reason)
             return original(self, *args, **kwargs)
@@ -123,106 +117,6 @@ def _trl_runs_triton(device: torch.device) -> bool:
     return bool(_use_triton(device))
 
 
-# the arguments grpo_mel computes with; any other argument must be at its default (or the call goes to TRL)
-_UNDERSTOOD = frozenset(("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
-                         "compute_entropy", "compute_aux_loss", *_MM_KWARGS))
-
-
-def _bind(flavour: TRLFlavour, trainer, args: tuple, kwargs: dict) -> tuple[dict | None, str | None]:
-    """Name the call's arguments as TRL's method does: ``inspect.signature(method).bind``, then (TRL 1.14) bind
-    that again to the method its ``*args, **kwargs`` are forwarded to. Returns ``(arguments, None)``, or
-    ``(None, why)`` where the call does not bind or carries an argument grpo_mel does not handle."""
-    method = f"{type(trainer).__name__}.{flavour.method_name}"
-    first, *forwarded = flavour.signatures
-    try:
-        bound = first.bind(trainer, *args, **kwargs)
-        for sig in forwarded:
-            bound = sig.bind(*bound.args, **bound.kwargs)
-    except TypeError as e:
-        return None, f"the call does not bind to TRL's {method} ({e})"
-    bound.apply_defaults()
-    params = bound.signature.parameters
-    odd = []
-    for name, value in bound.arguments.items():
-        kind = params[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            odd += [f"{len(value)} unnamed positional"] if value else []
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            odd += sorted(value)
-        elif name not in _UNDERSTOOD and value is not params[name].default:
-            odd.append(name)
-        # a default left at its value is a call without it: nothing to handle
-    if odd:
-        return None, f"{method} got arguments grpo_mel does not handle ({', '.join(odd)})"
-    return {"batch_size": None, "compute_entropy": False, "compute_aux_loss": False, **bound.arguments}, None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Target:
-    """The model of one call, resolved once: what the trainer passed, its engine-free module, the causal LM
-    (under any PEFT wrapper), that LM's backbone and its LM head module (as the engine left it)."""
-
-    model: torch.nn.Module
-    unwrapped: torch.nn.Module
-    lm: torch.nn.Module
-    backbone: torch.nn.Module
-    head: torch.nn.Module
-
-
-def _unwrap(trainer, model):
-    acc = getattr(trainer, "accelerator", None)
-    return model if acc is None else acc.unwrap_model(model)
-
-
-def _resolve(trainer, call: dict) -> tuple[_Target | None, str | None]:
-    """``(target, None)``, or ``(None, why)`` where the chunked head cannot compute this call."""
-    if any(call.get(k) is not None for k in _MM_KWARGS):
-        return None, "vision-language / multimodal inputs (pixel_values etc.) are not handled by the chunked LM head"
-    model = call["model"]
-    unwrapped = _unwrap(trainer, model)
-    if is_peft(unwrapped):
-        cfg = getattr(unwrapped, "active_peft_config", None)
-        if cfg is not None and getattr(cfg, "is_prompt_learning", False):
-            return None, "prompt-learning PEFT (virtual tokens) is not handled by the chunked LM head"
-    lm = unwrap_peft(unwrapped)
-    config = getattr(lm, "config", None)
-    if config is None or not hasattr(lm, "get_output_embeddings"):
-        return None, f"{type(lm).__name__} is not a transformers causal LM"
-    if hasattr(config, "get_text_config") and config.get_text_config() is not config:
-        return None, f"{type(lm).__name__} is a vision-language model"
-    head = lm.get_output_embeddings()
-    inner = head_module(head) if head is not None else None
-    if inner is None or not isinstance(getattr(inner, "weight", None), torch.Tensor):
-        return None, f"{type(lm).__name__} has no plain LM head weight"
-    if type(inner).__module__.startswith("peft"):
-        return None, "the LM head carries a PEFT adapter (e.g. LoRA on lm_head or modules_to_save)"
-    if getattr(inner.weight, "quant_state", None) is not None or not inner.weight.is_floating_point():
-        return None, "the LM head weight is quantized"
-    hooks = _output_hooks(inner)
-    if hooks:
-        return None, (f"the LM head has forward hook(s) {', '.join(hooks)} that expect its logits (the chunked head "
-                      "returns per-token log-probs and never forms them)")
-    prefix = getattr(lm, "base_model_prefix", "")
-    backbone = getattr(lm, prefix, None) if prefix else None
-    if backbone is None or backbone is lm:
-        return None, f"{type(lm).__name__} exposes no backbone (base_model_prefix={prefix!r})"
-    return _Target(model, unwrapped, lm, backbone, head), None
-
-
-_ENGINE_HOOK_MODULES = ("torch.distributed", "deepspeed", "accelerate")
-
-
-def _output_hooks(module) -> list[str]:
-    """Forward (output) hooks on ``module`` other than the engines' own (FSDP2, DeepSpeed, accelerate), which only
-    reshard/release parameters and register backward hooks on whatever the call returns."""
-    names = []
-    for hook in list(module._forward_hooks.values()):
-        fn = getattr(hook, "func", hook)  # functools.partial
-        if not getattr(fn, "__module__", "").startswith(_ENGINE_HOOK_MODULES):
-            names.append(getattr(fn, "__qualname__", repr(fn)))
-    return names
-
-
 try:  # TRL's own (in the 0.19.1, 1.14.2 and 1.16.0 pins)
     from trl.models.utils import _ForwardRedirection as _TRLForwardRedirection
 except ImportError:  # a TRL without it (the 0.16.1 pin): the same rerouting, written here
@@ -248,7 +142,7 @@ def _redirect(wrapper, inner, method: Callable, *args, **kwargs):
         saved.restore()
 
 
-def _compute(trainer, call: dict, target: _Target, flavour: TRLFlavour, options: Options):
+def _compute(trainer, call: dict, target: Target, flavour: TRLFlavour, options: Options):
     score = functools.partial(_score, trainer, flavour, call, target, options)
     if target.model is not target.unwrapped or getattr(trainer, "is_fsdp_enabled", False):
         outs = _redirect(target.model, target.unwrapped, score, call["input_ids"], call["attention_mask"])
@@ -276,7 +170,7 @@ def _autocast_ctx(trainer, unwrapped, flavour: TRLFlavour):
     return contextlib.nullcontext()
 
 
-def _score(trainer, flavour, call, target: _Target, options: Options, input_ids, attention_mask):
+def _score(trainer, flavour, call, target: Target, options: Options, input_ids, attention_mask):
     lm, backbone, head = target.lm, target.backbone, target.head
     softcap, scale = logit_transform(lm.config)
     temperature = float(getattr(trainer, "temperature", 1.0))  # every TRL in the table divides by it

@@ -21,7 +21,9 @@ Variants:
 * ``grpo_mel@C`` ``grpo_mel.linear_token_logprobs`` / ``linear_cross_entropy`` with ``chunk_size=C``;
   ``grpo_mel@auto`` with the default memory budget.
 
-``--csv`` is rewritten after every shape, so a run cut short keeps the shapes it finished.
+``--csv`` is rewritten after every shape, so a run cut short keeps the shapes it finished. Beside this file: the
+tasks and variants (``lm_head_variants.py``), one variant's step, check, timing and peak (``lm_head_measure.py``),
+the CSV, markdown and plots (``lm_head_report.py``).
 
 Peak memory comes from ``grpo_mel.memory.peak_memory`` (CUDA: ``max_memory_allocated``; CPU: torch's
 allocator events via the profiler), measured in its own run; time is the median of ``--repeats`` separate
@@ -40,30 +42,24 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import gc
-import math
 import os
 import platform
 import statistics
 import sys
-import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(_HERE, ".."), _HERE]  # this checkout's grpo_mel, and the modules beside this one
 
-import grpo_mel  # noqa: E402
-from grpo_mel.memory import peak_memory  # noqa: E402
 from grpo_mel.planning import plan_chunk_size  # noqa: E402
+from lm_head_measure import check, clear, make_case, peak_of, time_once  # noqa: E402
+from lm_head_report import markdown, plot, read_csv, write_csv  # noqa: E402
+from lm_head_variants import TASKS, Variant, build_variants  # noqa: E402
 
-TASKS = ("logprobs", "logprobs_entropy", "ce")
-IGNORE = -100
-TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
 MIB = 2**20
 
 PRESETS = {
@@ -84,209 +80,6 @@ PRESETS = {
                       runs=[(task, n, 151936) for task in TASKS for n in (4096, 16384, 65536)],
                       chunks=(4096,), repeats=3),
 }
-
-
-# ----------------------------------------------------------------------------------------------- variants
-@dataclass
-class Variant:
-    name: str
-    fn: Callable | None  # fn(task, X, W, labels) -> tuple of outputs (first one gets the upstream gradient)
-    chunk: str = ""
-    unavailable: str | None = None  # reason it cannot run here
-    tasks: tuple[str, ...] = TASKS
-
-
-def _naive(task, X, W, labels):
-    z = F.linear(X, W)  # [N, V] in X's dtype
-    if task == "ce":
-        return (F.cross_entropy(z.float(), labels, ignore_index=IGNORE),)
-    logp = z.float().log_softmax(-1)  # [N, V] fp32
-    lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    if task == "logprobs":
-        return (lp,)
-    with torch.no_grad():  # TRL ≤ 1.14: entropy_from_logits(logits) under no_grad, 128 rows at a time
-        ent = torch.cat([-(c.exp() * c).sum(-1) for c in (r.float().log_softmax(-1) for r in z.detach().split(128))])
-    return lp, ent
-
-
-def _trl_fused(task, X, W, labels):
-    from trl.kernels import ChunkedLogProbFunction
-
-    outputs = ("entropy",) if task == "logprobs_entropy" else ()
-    if task == "ce":
-        mask = labels != IGNORE
-        lp = ChunkedLogProbFunction.apply(X, W, None, labels.clamp(min=0), 1.0, TRL_VOCAB_CHUNK, None, 1.0, outputs)[0]
-        return (-(lp.masked_fill(~mask, 0)).sum() / mask.sum().clamp(min=1),)
-    lp, ent, *_ = ChunkedLogProbFunction.apply(X, W, None, labels, 1.0, TRL_VOCAB_CHUNK, None, 1.0, outputs)
-    return (lp,) if task == "logprobs" else (lp, ent)
-
-
-def _liger(task, X, W, labels):
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-    if task == "ce":
-        return (liger_fused_linear_cross_entropy(X, W, labels, ignore_index=IGNORE),)
-    return (-liger_fused_linear_cross_entropy(X, W, labels, reduction="none"),)
-
-
-def _cce(task, X, W, labels):
-    from cut_cross_entropy import linear_cross_entropy
-
-    if task == "ce":
-        return (linear_cross_entropy(X, W, labels, ignore_index=IGNORE, filter_eps=None),)
-    return (-linear_cross_entropy(X, W, labels, reduction="none", filter_eps=None),)
-
-
-def _grpo_mel(chunk_size):
-    def fn(task, X, W, labels):
-        if task == "ce":
-            return (grpo_mel.linear_cross_entropy(X, W, labels, ignore_index=IGNORE, chunk_size=chunk_size),)
-        out = grpo_mel.linear_token_logprobs(X, W, labels, with_entropy=task == "logprobs_entropy",
-                                             chunk_size=chunk_size)
-        return out if isinstance(out, tuple) else (out,)
-    return fn
-
-
-def _probe(module: str, device: torch.device) -> str | None:
-    """None if ``module`` imports and can run on ``device``, else the exact reason it cannot."""
-    if device.type != "cuda":
-        reason = "Triton kernels, CUDA only"
-        try:
-            __import__(module)
-        except Exception as e:  # noqa: BLE001 - the reason is what we report
-            reason += f"; on this machine `import {module}` fails: {type(e).__name__}: {e}"
-        return reason
-    try:
-        __import__(module)
-    except Exception as e:  # noqa: BLE001
-        return f"`import {module}` fails: {type(e).__name__}: {e}"
-    return None
-
-
-def build_variants(device: torch.device, chunks) -> list[Variant]:
-    vs = [Variant("naive", _naive), Variant("trl_fused", _trl_fused, chunk=f"vocab {TRL_VOCAB_CHUNK}")]
-    try:
-        from trl.kernels import ChunkedLogProbFunction  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        vs[1].unavailable = f"`from trl.kernels import ChunkedLogProbFunction` fails: {type(e).__name__}: {e}"
-    vs.append(Variant("liger", _liger, unavailable=_probe("liger_kernel.ops.fused_linear_cross_entropy", device),
-                      tasks=("logprobs", "ce")))
-    vs.append(Variant("cce", _cce, unavailable=_probe("cut_cross_entropy.cce", device), tasks=("logprobs", "ce")))
-    for c in chunks:
-        vs.append(Variant(f"grpo_mel@{c}", _grpo_mel(c), chunk=str(c)))
-    vs.append(Variant("grpo_mel@auto", _grpo_mel(None), chunk="auto"))
-    return vs
-
-
-# ----------------------------------------------------------------------------------------------- running
-@dataclass
-class Case:
-    task: str
-    X: torch.Tensor
-    W: torch.Tensor
-    labels: torch.Tensor
-    g: torch.Tensor  # upstream gradient for per-row outputs
-
-
-def make_case(task, n, h, v, dtype, device, seed=0, frozen_weight=False) -> Case:
-    """``frozen_weight``: W without gradient (the LM head of a LoRA policy): the step computes dX only."""
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, h, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-    W = (torch.randn(v, h, generator=gen) * (2.0 / math.sqrt(h))).to(device=device, dtype=dtype)
-    W.requires_grad_(not frozen_weight)
-    labels = torch.randint(0, v, (n,), generator=gen)
-    if task == "ce":
-        labels[torch.rand(n, generator=gen) < 0.1] = IGNORE
-    g = torch.randn(n, generator=gen)
-    return Case(task, X, W, labels.to(device), g.to(device))
-
-
-def step(variant: Variant, case: Case):
-    """One forward + backward; returns (detached outputs, dX, dW)."""
-    case.X.grad = None
-    case.W.grad = None
-    outs = variant.fn(case.task, case.X, case.W, case.labels)
-    head = outs[0]
-    if head.dim() == 0:
-        head.backward()
-    else:
-        torch.autograd.backward([head], [case.g.to(head.dtype)])
-    return tuple(o.detach() for o in outs), case.X.grad, case.W.grad
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _max_diff(a, b) -> float:
-    if a is None or b is None:
-        return float("nan")
-    return (a.float() - b.float()).abs().max().item()
-
-
-def _rel(a, b) -> float:
-    d = _max_diff(a, b)
-    return d / max(b.float().abs().max().item(), 1e-30)
-
-
-def check(variant: Variant, case: Case, ref, tol: float) -> tuple[dict, tuple | None]:
-    """Warm-up run; its outputs and gradients are compared with naive's (``ref``)."""
-    outs, dX, dW = step(variant, case)
-    _sync(case.X.device)
-    chk = {}
-    if ref is not None:
-        r_outs, r_dX, r_dW = ref
-        chk["diff_out"] = _max_diff(outs[0], r_outs[0])
-        chk["diff_ent"] = _max_diff(outs[1], r_outs[1]) if len(outs) > 1 and len(r_outs) > 1 else float("nan")
-        chk["diff_dX"] = _max_diff(dX, r_dX)
-        chk["diff_dW"] = _max_diff(dW, r_dW)
-        rels = [_rel(outs[0], r_outs[0]), _rel(dX, r_dX)] + ([_rel(dW, r_dW)] if r_dW is not None else [])
-        if (dW is None) != (r_dW is None):
-            rels.append(float("inf"))  # one side computed dW and the other did not
-        if len(outs) > 1 and len(r_outs) > 1:
-            rels.append(_rel(outs[1], r_outs[1]))
-        chk["max_rel_diff"] = max(rels)
-        chk["ok"] = "ok" if chk["max_rel_diff"] <= tol else "WRONG"
-    result = ((outs, dX.detach().clone(), None if dW is None else dW.detach().clone()) if variant.name == "naive"
-              else None)
-    del outs, dX, dW
-    _clear(case)
-    return chk, result
-
-
-def _clear(case: Case) -> None:
-    case.X.grad = case.W.grad = None
-    gc.collect()
-    if case.X.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def time_once(variant: Variant, case: Case) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) of one step. On a shared or virtual CPU machine the CPU
-    time is the steadier number (it does not count time the process waited for a core); on CUDA only
-    the wall time means anything."""
-    case.X.grad = case.W.grad = None
-    _sync(case.X.device)
-    c0, t0 = time.process_time(), time.perf_counter()
-    step(variant, case)
-    _sync(case.X.device)
-    t, c = time.perf_counter() - t0, time.process_time() - c0
-    case.X.grad = case.W.grad = None
-    return t, c
-
-
-def peak_of(variant: Variant, case: Case) -> int:
-    _clear(case)
-    _, peak = peak_memory(lambda: step(variant, case), case.X.device)
-    _clear(case)
-    return peak
-
-
-FIELDS = ["device", "dtype", "torch", "task", "N", "H", "V", "variant", "chunk", "head", "peak_MiB", "peak_vs_naive",
-          "peak_vs_trl", "time_s", "time_vs_naive", "time_vs_trl", "times", "diff_out", "diff_ent", "diff_dX",
-          "diff_dW", "max_rel_diff", "ok", "note", "cpu_s", "cpu_vs_naive"]
-NUMERIC = set(FIELDS[10:22]) - {"times"} | {"cpu_s", "cpu_vs_naive"}
 
 
 def run_all(args, on_shape: Callable[[list[dict]], None] | None = None) -> list[dict]:
@@ -324,7 +117,7 @@ def run_all(args, on_shape: Callable[[list[dict]], None] | None = None) -> list[
                 row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 rows.append(row)
                 print(f"  {var.name:16s} FAILED {row['note']}", flush=True)
-                _clear(case)
+                clear(case)
                 continue
             if var.name == "naive":
                 ref = result
@@ -337,7 +130,7 @@ def run_all(args, on_shape: Callable[[list[dict]], None] | None = None) -> list[
         def _failed(var, row, e):
             row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             print(f"  {var.name:16s} FAILED {row['note']}", flush=True)
-            _clear(case)
+            clear(case)
 
         for _ in range(args.repeats):
             for var, row in list(live):
@@ -378,108 +171,6 @@ def run_all(args, on_shape: Callable[[list[dict]], None] | None = None) -> list[
         if on_shape is not None:
             on_shape(rows)
     return rows
-
-
-# ----------------------------------------------------------------------------------------------- output
-def read_csv(path) -> list[dict]:
-    """Rows of an earlier run (numbers back to int/float), for ``--append``."""
-    rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            row = {}
-            for k, val in r.items():
-                if val == "":
-                    continue
-                if k in ("N", "H", "V"):
-                    row[k] = int(val)
-                elif k in NUMERIC:
-                    row[k] = float(val)
-                else:
-                    row[k] = val
-            row.setdefault("note", "")
-            row.setdefault("chunk", "")
-            row.setdefault("head", "trainable")  # rows written before the column existed
-            rows.append(row)
-    return rows
-
-
-def write_csv(rows, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in FIELDS})
-
-
-def _f(x, spec):
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def markdown(rows, header: str) -> str:
-    out = [header, ""]
-    groups: dict[tuple, list] = {}
-    for r in rows:
-        groups.setdefault((r["task"], r["N"], r["H"], r["V"], r["dtype"], r["device"], r.get("head", "trainable")),
-                          []).append(r)
-    order = sorted(groups, key=lambda k: (TASKS.index(k[0]) if k[0] in TASKS else 99, k[3], k[1], k[4], k[5], k[6]))
-    for key in order:
-        task, n, h, v, dt, dev, head = key
-        rs = groups[key]
-        frozen = ", W frozen (dX only)" if head == "frozen" else ""
-        out += [f"### {task}, N={n}, H={h}, V={v}, {dt}, {dev}{frozen}", "",
-                "| variant | chunk | peak MiB | peak / naive | peak / TRL | time s | time / naive | time / TRL "
-                "| CPU time / naive | max abs diff out / dX / dW | check |",
-                "|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|"]
-        for r in rs:
-            if r.get("note"):
-                out.append(f"| {r['variant']} | {r['chunk']} | {r['note'].split(';')[0]} (see CSV) | | | | | | | | |")
-                continue
-            diffs = "" if r["variant"] == "naive" else (
-                f"{_f(r.get('diff_out'), '.1e')} / {_f(r.get('diff_dX'), '.1e')} / {_f(r.get('diff_dW'), '.1e')}")
-            out.append(
-                f"| {r['variant']} | {r['chunk']} | {r['peak_MiB']:.1f} | {_f(r.get('peak_vs_naive'), '.3f')} | "
-                f"{_f(r.get('peak_vs_trl'), '.3f')} | {r['time_s']:.3f} | {_f(r.get('time_vs_naive'), '.2f')} | "
-                f"{_f(r.get('time_vs_trl'), '.2f')} | {_f(r.get('cpu_vs_naive'), '.2f')} | {diffs} | {r.get('ok', '')} |")
-        out.append("")
-    return "\n".join(out)
-
-
-def plot(rows, prefix):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
-    written = []
-    for task in TASKS:
-        rs = [r for r in rows if r["task"] == task and "peak_MiB" in r and not r.get("note")]
-        vs = sorted({r["V"] for r in rs}, key=lambda v: -sum(1 for r in rs if r["V"] == v))
-        if not vs:
-            continue
-        v0 = vs[0]  # the N sweep is the V with the most rows
-        rs = [r for r in rs if r["V"] == v0]
-        for metric, ylabel, fname in (("peak_MiB", "peak memory (MiB)", "peak"), ("time_s", "time (s)", "time")):
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for name in dict.fromkeys(r["variant"] for r in rs):
-                pts = sorted((r["N"], r[metric]) for r in rs if r["variant"] == name)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
-                        linestyle="--" if name in ("naive", "trl_fused") else "-")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("tokens N")
-            ax.set_ylabel(ylabel)
-            r0 = rs[0]
-            ax.set_title(f"{task}: fwd+bwd, H={r0['H']}, V={v0}, {r0['dtype']}, {r0['device']}", fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = f"{prefix}{task}_{fname}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
-    return written
 
 
 def main(argv=None):

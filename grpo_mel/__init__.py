@@ -33,6 +33,7 @@ _LAZY = {
     "rloo_patched": "grpo_mel.integrations.trl_rloo",
     "patch_trl": "grpo_mel.integrations",
     "unpatch_trl": "grpo_mel.integrations",
+    "is_patched": "grpo_mel.integrations",
     "patch_causal_lm": "grpo_mel.integrations.causal_lm",
     "unpatch_causal_lm": "grpo_mel.integrations.causal_lm",
     "PeakMemoryCallback": "grpo_mel.integrations.callbacks",

@@ -30,30 +30,29 @@ from dataclasses import dataclass
 
 import torch
 
-#: float32 ``[rows, V]`` buffers alive at once in a chunk of a typical f. Measured with grpo_mel.memory at
-#: N=2048, H=256, V=32000 fp32 (docs/design.md): in backward, log-probs and cross-entropy keep 3 (the
+#: float32 ``[rows, V]`` buffers alive at once in a chunk of a typical f, measured with grpo_mel.memory
+#: (docs/benchmarks.md, "Buffers per chunk"): in backward, log-probs and cross-entropy keep 3 (the
 #: log-softmax saved for backward, the gather's gradient, dZ; the recomputed logits are freed as soon as f
 #: has used them), also with an entropy that is only logged; log-probs + an entropy that receives a gradient
-#: keep 5 (its graph saves the softmax; docs/benchmarks.md, "Buffers per chunk").
+#: keep more (its graph saves the softmax).
 LIVE_FP32_BUFFERS = 3
 #: The same for f compiled per chunk (grpo_mel._compiled): the built-in log-probs / cross-entropy keep the logits
-#: and dZ, fused forward and backward (measured with grpo_mel.memory: 2 float32 buffers at fp32 logits, 1.25 at bf16
-#: logits; tests/core/test_memory.py); the model counts the logits in their dtype plus one float32 buffer.
+#: and dZ, fused forward and backward (measured with grpo_mel.memory, docs/benchmarks.md,
+#: "Buffers per chunk"; asserted in tests/core/test_memory.py); the model counts the logits in their dtype plus one float32 buffer.
 COMPILED_LIVE_FP32_BUFFERS = 1
-#: Budget used on the CPU, and on CUDA when free memory cannot be read: 196 rows at V=32000 fp32, which
-#: keeps the peak of log-probs forward+backward at N=2048, H=256 near 0.14x the full-logits path
-#: (docs/benchmarks.md). It also keeps each float32 [rows, V] buffer at ~24 MiB, under glibc's largest
-#: mmap threshold (32 MiB): larger buffers can be fresh mmaps, page-faulted in on every chunk (forward at
-#: V=32000 in a fresh process: 320+ rows slower than 256; benchmarks/bench_chunk_anatomy.py). Below ~128
-#: rows the CPU GEMMs lose efficiency and time grows.
+#: Budget used on the CPU, and on CUDA when free memory cannot be read: 196 rows at V=32000 fp32, a small
+#: fraction of the full-logits path's peak at N=2048, H=256 (docs/benchmarks.md, "CPU results"). It also keeps
+#: each float32 [rows, V] buffer at ~24 MiB, under glibc's largest mmap threshold (32 MiB): larger buffers can
+#: be fresh mmaps, page-faulted in on every chunk (benchmarks/results/chunk_anatomy.md). Much smaller chunks
+#: make the CPU GEMMs lose efficiency and time grows.
 DEFAULT_CPU_BUDGET_BYTES = 96 * 2**20
 #: On CUDA with no explicit budget, this share of the currently free memory is used ...
 CUDA_FREE_FRACTION = 0.25
 #: ... but never more than this: 512 MiB is ~298 rows at V=128256 in bf16, so a 1-4K-token batch still
 #: splits into several chunks (a chunk as large as N costs more than full logits), and it is the size of one
-#: float32 tile of TRL's own fused head (4096 tokens x 32768 vocab). On an H200 (docs/benchmarks.md, "GPU
-#: results") its chunk term stays under the 1503 MiB dW floor at V=128256; 1024 rows ran 1.4-1.5x faster and
-#: peaked 1.6x higher.
+#: float32 tile of TRL's own fused head (4096 tokens x 32768 vocab). On an H200 its chunk term stays under the
+#: float32 dW floor at V=128256, and larger chunks ran faster but peaked higher (docs/benchmarks.md, "GPU
+#: results", the chunk sweep).
 CUDA_MAX_BUDGET_BYTES = 512 * 2**20
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite (scripts/gpu_suite.py): parity tests on CUDA, the LM-head benchmark at two head shapes, the 1B
-# GRPO example and the SFT check, into one markdown report under $OUT (else outputs/gpu_suite/). About 9 minutes
-# on an H200. Wheels in .whl/ are installed first (never torch); see docs/benchmarks.md ("GPU suite").
+# GRPO example and the SFT check, into one markdown report under $OUT (else outputs/gpu_suite/); one device call on
+# an H200. Wheels in .whl/ are installed first (never torch); see docs/benchmarks.md ("GPU suite").
 #   bash scripts/gpu_suite.sh               # on a CUDA machine, with the python3 that has torch
 #   bash scripts/gpu_suite.sh --cpu-smoke   # the same steps at tiny sizes on the CPU, in the project's venv
 #                                           # (scripts/setup_env.sh); scripts/test.sh runs it

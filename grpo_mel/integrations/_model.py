@@ -1,9 +1,14 @@
 """What the integrations need to know about a transformers causal LM: the model under a PEFT wrapper, its LM
-head module, and what its own forward does to the head's output (logit scale, final softcap)."""
+head module, what its own forward does to the head's output (logit scale, final softcap), and how to put a module's
+instance ``forward`` back as it was after replacing it."""
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
+
+_MISSING = object()
 
 
 def is_peft(model) -> bool:
@@ -55,3 +60,30 @@ def logit_transform(config) -> tuple[float | None, float]:
         ls = text_config.logits_scaling
         scale = ls if getattr(text_config, "model_type", "") == "hyperclovax" else 1 / ls
     return softcap, 1.0 if scale is None else float(scale)
+
+
+class SavedForward:
+    """A module's instance attribute ``forward`` as it was (or its absence, so the class's forward shows again),
+    to put back with :meth:`restore` after replacing it: the TRL patch's forward redirection, the causal-LM patch and
+    its stand-in head all replace ``forward`` on the instance."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.saved = vars(module).get("forward", _MISSING)
+
+    def restore(self) -> None:
+        if self.saved is _MISSING:
+            vars(self.module).pop("forward", None)
+        else:
+            self.module.forward = self.saved
+
+
+@contextlib.contextmanager
+def forward_replaced(module: nn.Module, forward):
+    """``module.forward`` is ``forward`` for the block, then as it was."""
+    saved = SavedForward(module)
+    module.forward = forward
+    try:
+        yield
+    finally:
+        saved.restore()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 MIN_TRL = "0.16.0"  # the oldest release in the table (and the oldest pin tested)
 NEWEST_TRL = "1.16.0"  # the newest release read and tested; a newer TRL runs its own method, with a warning
@@ -45,17 +45,23 @@ class UnsupportedTRLVersion(RuntimeError):
 
 
 @dataclass(frozen=True)
-class _Row:
+class _Flags:
+    """What the patch needs to know about a TRL's log-prob method; each a column of the table below."""
+
+    method_name: str | None = None  # the trainer method that is patched
+    returns: str | None = None  # "tensor" | "pair" | "triple"
+    masks_padding: bool | None = None  # log-probs (and entropies) are 0 where the completion's attention mask is 0
+    fused_head: bool | None = None  # TRL's own fused LM head (>= 1.15)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Row(_Flags):
     first: str  # first release of the range; the range ends where the next row starts (the last at NEWEST_TRL)
-    method_name: str
     params: str  # the method's parameters after self, as TRL declares them
-    returns: str
-    uses_temperature: bool
-    masks_padding: bool
-    fused_head: bool
-    has_batch_size: bool
     delegate: str | None = None  # the method forwards its arguments, unchanged, to this one
 
+
+_FLAGS = tuple(f.name for f in fields(_Flags))
 
 _P016 = "model, input_ids, attention_mask, logits_to_keep"
 _P017 = _P016 + ", batch_size=None"
@@ -67,59 +73,62 @@ _P029 = _P024 + ", mm_token_type_ids=None"
 _P170 = (_P017 + ", compute_entropy=False, compute_aux_loss=False, pixel_values=None, image_grid_thw=None, "
          "num_images=None, pixel_attention_mask=None, spatial_shapes=None, num_tiles=None, image_sizes=None, "
          "token_type_ids=None, mm_token_type_ids=None, image_position_ids=None")
-
-_TABLE = (  # first, method, parameters, returns, uses_temperature, masks_padding, fused_head, has_batch_size
-    _Row("0.16.0", _LOGPS, _P016, _TENSOR, True, False, False, False),
-    _Row("0.17.0", _LOGPS, _P017, _TENSOR, True, False, False, True),
-    _Row("0.20.0", _LOGPS_ENT, _P020, _PAIR, True, False, False, True),
-    _Row("0.24.0", _LOGPS_ENT, _P024, _PAIR, True, False, False, True),
-    _Row("0.29.0", _LOGPS_ENT, _P029, _PAIR, True, False, False, True),
-    _Row("1.0.0", _LOGPS_ENT, _P029 + ", pixel_position_ids=None", _PAIR, True, False, False, True),
-    _Row("1.1.0", _LOGPS_ENT, _P029 + ", image_position_ids=None", _PAIR, True, False, False, True),
-    _Row("1.7.0", _LOGPS_ENT, _P170, _TRIPLE, True, False, False, True),
-    _Row("1.14.0", _LOGPS_ENT, "model, *args, batch_size=None, compute_aux_loss=False, **kwargs", _TRIPLE,
-         True, True, False, True, delegate="_full_logits_logps"),
-    _Row("1.15.0", _LOGPS_ENT, _P170, _TRIPLE, True, True, True, True),
+# keyword rows: the method, what it returns, whether TRL zeroes padded completion positions, TRL's fused head. Every
+# release in both tables divides the logits by the trainer's temperature (1.15+: inside the fused head)
+_TABLE = (
+    _Row(first="0.16.0", params=_P016, method_name=_LOGPS, returns=_TENSOR, masks_padding=False, fused_head=False),
+    _Row(first="0.17.0", params=_P017, method_name=_LOGPS, returns=_TENSOR, masks_padding=False, fused_head=False),
+    _Row(first="0.20.0", params=_P020, method_name=_LOGPS_ENT, returns=_PAIR, masks_padding=False, fused_head=False),
+    _Row(first="0.24.0", params=_P024, method_name=_LOGPS_ENT, returns=_PAIR, masks_padding=False, fused_head=False),
+    _Row(first="0.29.0", params=_P029, method_name=_LOGPS_ENT, returns=_PAIR, masks_padding=False, fused_head=False),
+    _Row(first="1.0.0", params=_P029 + ", pixel_position_ids=None", method_name=_LOGPS_ENT, returns=_PAIR,
+         masks_padding=False, fused_head=False),
+    _Row(first="1.1.0", params=_P029 + ", image_position_ids=None", method_name=_LOGPS_ENT, returns=_PAIR,
+         masks_padding=False, fused_head=False),
+    _Row(first="1.7.0", params=_P170, method_name=_LOGPS_ENT, returns=_TRIPLE, masks_padding=False,
+         fused_head=False),
+    _Row(first="1.14.0", params="model, *args, batch_size=None, compute_aux_loss=False, **kwargs",
+         delegate="_full_logits_logps", method_name=_LOGPS_ENT, returns=_TRIPLE, masks_padding=True,
+         fused_head=False),
+    _Row(first="1.15.0", params=_P170, method_name=_LOGPS_ENT, returns=_TRIPLE, masks_padding=True, fused_head=True),
 )
 # RLOOTrainer: TRL 0.16 - 0.19 ship the older, PPO-style RLOOTrainer (a Trainer subclass with its own rollout loop and
 # no per-token log-prob method of GRPO's kind): it cannot be patched. The GRPO-style RLOOTrainer was read in 1.14.2
 # and 1.16.0: 1.14's method is GRPO 1.7's signature computing full logits with TRL's ``row_mask`` (as GRPO 1.14's
 # delegate does); 1.15 - 1.16's calls TRL's fused head, as GRPO's does. Releases before 1.14 were not read.
 _RLOO_TABLE = (
-    _Row("1.14.0", _LOGPS_ENT, _P170, _TRIPLE, True, True, False, True),
-    _Row("1.15.0", _LOGPS_ENT, _P170, _TRIPLE, True, True, True, True),
+    _Row(first="1.14.0", params=_P170, method_name=_LOGPS_ENT, returns=_TRIPLE, masks_padding=True, fused_head=False),
+    _Row(first="1.15.0", params=_P170, method_name=_LOGPS_ENT, returns=_TRIPLE, masks_padding=True, fused_head=True),
 )
 MIN_TRL_RLOO = "1.14.0"
 
 
 @dataclass(frozen=True)
 class Trainer:
-    """A TRL trainer class grpo_mel patches: its name, the patch function, its version table."""
+    """A TRL trainer class grpo_mel patches: its kind (``"grpo"``), its name, its version table."""
 
+    kind: str
     name: str
-    patch: str
     table: tuple
     min_trl: str
     older: str = ""  # why a TRL older than min_trl cannot be patched
 
+    @property
+    def patch(self) -> str:
+        return f"patch_{self.kind}"
 
-GRPO = Trainer("GRPOTrainer", "patch_grpo", _TABLE, MIN_TRL)
-RLOO = Trainer("RLOOTrainer", "patch_rloo", _RLOO_TABLE, MIN_TRL_RLOO,
+
+GRPO = Trainer("grpo", "GRPOTrainer", _TABLE, MIN_TRL)
+RLOO = Trainer("rloo", "RLOOTrainer", _RLOO_TABLE, MIN_TRL_RLOO,
                older=" (TRL < 1.14's RLOOTrainer: 0.16 - 0.19's is the older PPO-style trainer with no per-token "
                      "log-prob method to patch; 0.20 - 1.13's were not read)")
 
-_FLAGS = ("method_name", "returns", "uses_temperature", "masks_padding", "fused_head", "has_batch_size")
 
+@dataclass(frozen=True, kw_only=True)
+class TRLFlavour(_Flags):
+    """The installed TRL's method, as :func:`detect` settled it (every flag None where ``unsettled``)."""
 
-@dataclass(frozen=True)
-class TRLFlavour:
     version: str
-    method_name: str  # the GRPOTrainer method that is patched
-    returns: str | None  # "tensor" | "pair" | "triple"
-    uses_temperature: bool | None  # divides the logits by self.temperature
-    masks_padding: bool | None  # log-probs (and entropies) are 0 where the completion's attention mask is 0
-    fused_head: bool | None  # TRL's own fused LM head (>= 1.15)
-    has_batch_size: bool | None  # the method takes batch_size
     # the method's signature, then (1.14) its delegate's: a call is named by binding it through each in turn
     signatures: tuple = ()
     unsettled: str | None = None  # why the flags are unknown; the patch then runs TRL's own method (one warning)
@@ -199,10 +208,8 @@ def from_source(cls, name: str, row: _Row) -> dict | None:
     return dict(
         method_name=name,
         returns=_TENSOR if name == _LOGPS else (_TRIPLE if "compute_aux_loss" in params else _PAIR),
-        uses_temperature=fused or "self.temperature" in src,
         masks_padding=fused or "row_mask" in src,
         fused_head=fused,
-        has_batch_size="batch_size" in params,
         delegate=delegate,
         signature=_plain(sig),
     )
@@ -215,8 +222,8 @@ def _disagreements(row: _Row, seen: dict) -> list[str]:
 
 
 def _unsettled(version: str, name: str, why: str, trainer: Trainer = GRPO) -> TRLFlavour:
-    return TRLFlavour(version, name, None, None, None, None, None, unsettled=(
-        f"{why}; {trainer.name}.{name} stays TRL's own (no memory saving)"))
+    return TRLFlavour(version=version, method_name=name,
+                      unsettled=f"{why}; {trainer.name}.{name} stays TRL's own (no memory saving)")
 
 
 def detect(cls=None, trainer: Trainer | None = None) -> TRLFlavour:
@@ -266,8 +273,7 @@ def detect(cls=None, trainer: Trainer | None = None) -> TRLFlavour:
             return unsettled(version, name, f"TRL {version}'s {name} forwards to {row.delegate}, which "
                                              f"{cls.__name__} lacks")
         signatures += (inspect.signature(getattr(cls, row.delegate)),)
-    return TRLFlavour(version, name, row.returns, row.uses_temperature, row.masks_padding, row.fused_head,
-                      row.has_batch_size, signatures=signatures)
+    return TRLFlavour(version=version, signatures=signatures, **{f: getattr(row, f) for f in _FLAGS})
 
 
 def _class_attrs(cls) -> set:

@@ -17,10 +17,10 @@ positions are skipped (as in transformers, a loss is computed only when ``labels
 ``num_items_in_batch`` (gradient accumulation), else the mean over non-ignored labels. Only rows with a
 label are projected (prompt / padding rows cost nothing in the head).
 
-Precision: under ``torch.autocast`` the head runs in the autocast dtype, as the unpatched ``lm_head``
-would (both the hidden states and the weight are cast, then autocast is disabled inside the chunked
-function so its forward and its backward recompute use the same dtype); otherwise the hidden states are
-cast to the LM head weight's dtype. The cross-entropy itself is float32 in every case.
+Precision: the hidden states are cast to the LM head weight's dtype, and the chunked function runs under the
+caller's autocast: under ``torch.autocast`` its GEMMs run in the autocast dtype, as the unpatched ``lm_head``'s
+would, and its backward replays that autocast state for the recompute (:class:`grpo_mel.MemoryEfficientLinear`).
+The cross-entropy itself is float32 in every case.
 
 Models whose config has ``final_logit_softcapping`` (Gemma 2) or a logit scale (``_model.logit_transform``) get the same
 transform inside the chunks. Without ``labels`` (generation, evaluation of logits), when TRL calls with
@@ -46,7 +46,6 @@ import dataclasses
 import functools
 import inspect
 import types
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -55,21 +54,19 @@ import transformers  # noqa: F401 - the `trl` extra (grpo_mel.__init__ names it 
 from torch import nn
 
 from ..fused import linear_cross_entropy
-from ..planning import validate_chunk_size, validate_memory_budget
-from ._model import logit_transform, unwrap_peft
+from ._model import SavedForward, forward_replaced, logit_transform, unwrap_peft
+from ._options import Options
 
 __all__ = ["patch_causal_lm", "unpatch_causal_lm", "is_causal_lm_patched", "causal_lm_loss"]
 
 _STATE_ATTR = "_grpo_mel_causal_lm"
-_MISSING = object()
 
 
 @dataclasses.dataclass
 class _PatchState:
-    chunk_size: int | None
-    memory_budget: float | None
+    options: Options
+    previous_forward: SavedForward  # the instance attribute ``forward`` before patching, if any
     wrapper: Any = None
-    previous_forward: Any = _MISSING  # the instance attribute ``forward`` before patching, if any
     active: bool = True
 
 
@@ -109,15 +106,8 @@ def causal_lm_loss(
             f"{tuple(hidden_states.shape)} the LM head received (logits_to_keep must be 0 with labels)"
         )
 
-    device_type = hidden_states.device.type
-    ctx = nullcontext()
-    if torch.is_autocast_enabled(device_type) and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        # mirror what autocast does to the unpatched ``lm_head`` matmul, then freeze that dtype for the
-        # chunked function (its backward recomputes the chunks outside of autocast)
-        dtype = torch.get_autocast_dtype(device_type)
-        weight = weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        ctx = torch.autocast(device_type, enabled=False)
+    # under autocast the chunked function's GEMMs run in the autocast dtype, as the unpatched ``lm_head``'s would,
+    # and its backward replays the autocast state: only X has to match the weight's dtype
     hidden_states = hidden_states.to(weight.dtype)
     if bias is not None and bias.dtype != weight.dtype:
         bias = bias.to(weight.dtype)
@@ -126,10 +116,9 @@ def causal_lm_loss(
     mask = shift_labels != ignore_index
     X = hidden_states[mask]
     y = shift_labels[mask]
-    with ctx:
-        total = linear_cross_entropy(X, weight, y, bias=bias, reduction="sum", ignore_index=ignore_index,
-                                     chunk_size=chunk_size, memory_budget=memory_budget, softcap=softcap,
-                                     logit_scale=logit_scale)
+    total = linear_cross_entropy(X, weight, y, bias=bias, reduction="sum", ignore_index=ignore_index,
+                                 chunk_size=chunk_size, memory_budget=memory_budget, softcap=softcap,
+                                 logit_scale=logit_scale)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
@@ -159,50 +148,40 @@ def _plain_head(lm_head) -> bool:
 
 
 class _CaptureHead:
-    """Swaps ``lm_head.forward`` for one that records its input and returns an empty ``[..., 0]`` tensor."""
+    """Records the hidden states the LM head receives; its stand-in forward returns an empty ``[..., 0]`` tensor."""
 
-    def __init__(self, lm_head: nn.Module):
-        self.lm_head = lm_head
+    def __init__(self):
         self.hidden: torch.Tensor | None = None
-        self._prev = _MISSING
 
-    def _forward(self, hidden_states, *args, **kwargs):
+    def forward(self, hidden_states, *args, **kwargs):
         self.hidden = hidden_states
         return hidden_states.new_empty(*hidden_states.shape[:-1], 0)
 
-    def __enter__(self):
-        self._prev = self.lm_head.__dict__.get("forward", _MISSING)
-        self.lm_head.forward = self._forward
-        return self
 
-    def __exit__(self, *exc):
-        if self._prev is _MISSING:
-            del self.lm_head.forward
-        else:
-            self.lm_head.forward = self._prev
-
-
-def patch_causal_lm(model: nn.Module, chunk_size: int | None = None, memory_budget: float | None = None) -> nn.Module:
+def patch_causal_lm(model: nn.Module, options: Options | None = None, **kwargs) -> nn.Module:
     """Compute ``model``'s training loss through the chunked LM head (see the module docstring).
 
     Args:
         model: a transformers ``*ForCausalLM`` (bitsandbytes-quantized or not) or a PEFT model wrapping one.
-        chunk_size: rows per chunk of the LM head; None plans it from ``memory_budget``.
-        memory_budget: bytes for one chunk's working set when ``chunk_size`` is None (see
+        options: an :class:`~grpo_mel.integrations.Options` (None: the defaults); ``override_fused_head`` has no
+            use here (a call with TRL's ``fused_lm_head`` always runs the model's own forward) and must stay None.
+        **kwargs: the options as keywords, on top of ``options``: ``chunk_size`` (rows per chunk of the LM head;
+            None plans it from ``memory_budget``), ``memory_budget`` (bytes for one chunk's working set, see
             :mod:`grpo_mel.planning`).
 
     Returns ``model`` (patched in place). Patching again updates the chunking settings.
     """
-    validate_chunk_size(chunk_size)
-    validate_memory_budget(memory_budget)
+    options = Options.of(options, **kwargs)
+    if options.override_fused_head is not None:
+        raise ValueError(f"patch_causal_lm has no use for override_fused_head (a call with TRL's fused_lm_head "
+                         f"runs the model's own forward), got {options.override_fused_head!r}")
     target = _causal_lm(model)
     state: _PatchState | None = target.__dict__.get(_STATE_ATTR)
     if state is not None and state.wrapper is not None:
-        state.chunk_size, state.memory_budget, state.active = chunk_size, memory_budget, True
+        state.options, state.active = options, True
         return model
 
-    state = _PatchState(chunk_size=chunk_size, memory_budget=memory_budget)
-    state.previous_forward = target.__dict__.get("forward", _MISSING)
+    state = _PatchState(options, SavedForward(target))
     original = target.forward  # bound: the class forward, or whatever wrapper was installed on the instance
     cls_forward = type(target).forward
     sig = inspect.signature(cls_forward)
@@ -237,7 +216,8 @@ def patch_causal_lm(model: nn.Module, chunk_size: int | None = None, memory_budg
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
 
-        with _CaptureHead(lm_head) as cap:
+        cap = _CaptureHead()
+        with forward_replaced(lm_head, cap.forward):
             out = original(**kwargs)  # labels=None: the model computes no loss, the head returns [..., 0]
         if cap.hidden is None:
             raise RuntimeError(f"{type(self).__name__}.forward did not call its LM head; cannot patch its loss")
@@ -245,7 +225,7 @@ def patch_causal_lm(model: nn.Module, chunk_size: int | None = None, memory_budg
         loss = causal_lm_loss(
             cap.hidden, lm_head.weight, labels, bias=lm_head.bias, num_items_in_batch=num_items_in_batch,
             ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap, logit_scale=logit_scale,
-            chunk_size=state.chunk_size, memory_budget=state.memory_budget,
+            chunk_size=state.options.chunk_size, memory_budget=state.options.memory_budget,
         )
         aux = getattr(out, "aux_loss", None)
         if aux is not None and getattr(self, "router_aux_loss_coef", None) is not None:
@@ -283,10 +263,7 @@ def unpatch_causal_lm(model: nn.Module) -> nn.Module:
         return model
     state.active = False
     if target.__dict__.get("forward") is state.wrapper:
-        if state.previous_forward is _MISSING:
-            del target.forward
-        else:
-            target.forward = state.previous_forward
+        state.previous_forward.restore()
         delattr(target, _STATE_ATTR)
     return model
 

@@ -1,518 +1,55 @@
 """Patch TRL's ``GRPOTrainer`` so per-token log-probs never materialise the ``[B, T, V]`` logits.
 
 ``patch_grpo()`` replaces the trainer's log-prob method (``_get_per_token_logps`` on TRL 0.16 - 0.19,
-``_get_per_token_logps_and_entropies`` from 0.20; see :mod:`grpo_mel.integrations._trl_compat`) with one that
-
-1. runs the model's backbone (through any DDP/FSDP/DeepSpeed wrapper's forward, by forward redirection) to the
-   last hidden states, without calling the LM head;
-2. keeps the hidden states that predict the completion tokens (``hidden[:, -K-1:-1]`` vs ``input_ids[:, -K:]``);
-3. computes the log-probs (and entropies) of the completion tokens with :func:`grpo_mel.chunked_linear` and the
-   LM head's weight (and bias), applying the model's logit scale / final softcapping and TRL's temperature. This
-   runs inside a call of the ``lm_head`` module itself (its ``forward`` redirected), so the hooks an engine put on
-   that module run as in the unpatched forward: FSDP1/FSDP2 gather and reduce-scatter the head even when it is its
-   own unit, DeepSpeed ZeRO-3 fetches and releases it. Backbone and head run under the trainer's autocast.
-
-Signature and return type are those of the installed TRL's method, so every call site (policy, old policy,
-reference model, PEFT reference with adapters disabled, eval) goes through it. Inputs it does not handle
-(vision-language inputs, prompt-learning PEFT, a PEFT adapter on ``lm_head``) fall back to TRL's own method
-with a one-time warning.
+``_get_per_token_logps_and_entropies`` from 0.20; version table: :mod:`grpo_mel.integrations._trl_compat`) with
+one that computes the completion tokens' log-probs (and entropies) from the last hidden states through the chunked
+LM head (:mod:`grpo_mel.integrations._logps`), with the same signature, return type and numbers as TRL's.
+:mod:`grpo_mel.integrations.trl_rloo` is the same entry point for ``RLOOTrainer``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
-import inspect
-import logging
-import threading
-import warnings
-from typing import Callable
 
-import torch
-import trl  # noqa: F401 - the `trl` extra (grpo_mel.__init__ names it when missing)
-
-from ..functions import token_logprobs, token_logprobs_and_entropy
-from ..linear import chunked_linear
-from ..planning import validate_chunk_size, validate_memory_budget
-from ._model import head_module, is_peft, logit_transform, unwrap_peft
-from ._trl_compat import TRLFlavour, UnsupportedTRLVersion, detect
+from ._options import Options
+from ._patch import patch
+from ._registry import is_patched, patched_block, uninstall
+from ._summary import PatchSummary
+from ._trl_compat import GRPO, UnsupportedTRLVersion
 
 __all__ = ["patch_grpo", "unpatch_grpo", "grpo_patched", "is_patched", "Options", "UnsupportedTRLVersion"]
 
-_LOCK = threading.RLock()
-_PATCHED: dict[str, type] = {}  # "grpo" / "rloo" -> the class that carries the replacement (its record says the rest)
-_WARNED: set[str] = set()
-_LOG = logging.getLogger("grpo_mel")
 
-_MM_KWARGS = (
-    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids", "pixel_position_ids",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """The patch's options (see :func:`patch_grpo`), validated once and frozen into the installed replacement."""
-
-    chunk_size: int | None = None
-    memory_budget: float | None = None
-    override_fused_head: bool | None = None
-
-    def __post_init__(self):
-        validate_chunk_size(self.chunk_size)
-        validate_memory_budget(self.memory_budget)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Record:
-    """What an installed replacement replaced; it rides on the replacement (``replacement._grpo_mel``)."""
-
-    kind: str  # "grpo" / "rloo"
-    name: str  # the patched attribute
-    original: Callable  # the exact original function object (from the class __dict__, or inherited)
-    had_own: bool  # whether the attribute was in the class's own __dict__
-    options: Options
-
-
-# --------------------------------------------------------------------------------------------------
-# public API
-# --------------------------------------------------------------------------------------------------
-
-def patch_grpo(
-    chunk_size: int | None = None,
-    memory_budget: float | None = None,
-    override_fused_head: bool | None = None,
-    trainer_cls=None,
-) -> None:
+def patch_grpo(options: Options | None = None, *, trainer_cls: type | None = None, **kwargs) -> PatchSummary:
     """Patch ``trl.GRPOTrainer`` (or ``trainer_cls``) to compute per-token log-probs with the chunked LM head.
 
     Args:
-        chunk_size: rows (completion tokens) per chunk; None plans it from ``memory_budget``.
-        memory_budget: bytes for one chunk's working set when ``chunk_size`` is None (see :mod:`grpo_mel.planning`).
-        override_fused_head: on TRL >= 1.15 (which has its own fused LM head): True routes through grpo_mel, False
-            keeps TRL's method. None (default) decides per device: TRL's head where TRL runs its Triton kernel
-            (CUDA/XPU with Triton), measured on an H200 to be 2.3-2.5x faster than grpo_mel's head at 1.2-1.4x
-            its head peak, and equal in a whole 1B GRPO step's peak (docs/benchmarks.md, "GPU results");
-            grpo_mel's everywhere else (CPU, MPS, no Triton), where TRL takes its torch fallback, measured to
-            peak far higher (docs/benchmarks.md). The path chosen is logged once per device, naming why.
+        options: an :class:`~grpo_mel.integrations.Options` (None: the defaults).
         trainer_cls: the class to patch (default ``trl.GRPOTrainer``).
+        **kwargs: the options as keywords, on top of ``options``: ``chunk_size`` (rows per chunk; None plans it
+            from ``memory_budget``), ``memory_budget`` (bytes for one chunk's working set), ``override_fused_head``
+            (TRL >= 1.15: True routes through grpo_mel, False keeps TRL's fused head, None (default) keeps TRL's
+            where TRL runs its Triton kernel (CUDA/XPU with Triton), measured faster there
+            (docs/benchmarks.md, "GPU results"), and grpo_mel's everywhere else, where TRL takes its torch
+            fallback; the choice is logged once per device, naming why).
 
-    Idempotent: a second call only updates the options. Raises :class:`UnsupportedTRLVersion` on a TRL whose
-    GRPOTrainer cannot be patched (< 0.16, or neither method present). On a TRL newer than the version table in
-    :mod:`grpo_mel.integrations._trl_compat` (> 1.16.0), or whose method does not match it, one warning names the
-    reason and TRL's own method keeps computing the log-probs.
+    Returns a :class:`~grpo_mel.integrations.PatchSummary` (also logged at INFO): what was patched and which head
+    each device type uses, and why. Idempotent: a second call only updates the options. Raises
+    :class:`UnsupportedTRLVersion` on a TRL whose GRPOTrainer cannot be patched (< 0.16, or neither method
+    present), and TypeError / ValueError naming a bad option. On a TRL newer than the version table (> 1.16.0), or
+    whose method does not match it, one warning names the reason and TRL's own method keeps computing.
     """
-    options = Options(chunk_size, memory_budget, override_fused_head)
-    if trainer_cls is None:
-        from trl import GRPOTrainer as trainer_cls  # noqa: N813
-    install("grpo", trainer_cls, detect(trainer_cls), options)
+    return patch(GRPO, trainer_cls, Options.of(options, **kwargs))
 
 
 def unpatch_grpo() -> None:
     """Undo :func:`patch_grpo`: the class gets back the exact original function object. No-op if not patched."""
-    uninstall("grpo")
-
-
-def is_patched(kind: str = "grpo") -> bool:
-    return kind in _PATCHED
+    uninstall(GRPO.kind)
 
 
 @contextlib.contextmanager
-def grpo_patched(chunk_size: int | None = None, memory_budget: float | None = None,
-                 override_fused_head: bool | None = None, trainer_cls=None):
-    """``with grpo_patched(chunk_size=...):`` patch for the block; restores the previous state on exit."""
-    with patched_block("grpo"):
-        patch_grpo(chunk_size=chunk_size, memory_budget=memory_budget, override_fused_head=override_fused_head,
-                   trainer_cls=trainer_cls)
-        yield
-
-
-# --------------------------------------------------------------------------------------------------
-# installing a replacement (shared by every trainer patch: GRPO here, RLOO in trl_rloo)
-# --------------------------------------------------------------------------------------------------
-
-def record(kind: str) -> _Record | None:
-    """The record of the replacement installed for ``kind`` (``"grpo"``, ``"rloo"``), or None."""
-    cls = _PATCHED.get(kind)
-    if cls is None:
-        return None
-    records = (getattr(v, "_grpo_mel", None) for v in vars(cls).values())
-    return next((r for r in records if getattr(r, "kind", None) == kind), None)
-
-
-def install(kind: str, trainer_cls, flavour: TRLFlavour, options: Options) -> None:
-    """Install the chunked-head replacement of ``trainer_cls``'s log-prob method (``flavour`` describes it) with
-    ``options`` frozen in it. A class already patched for ``kind`` gets a new replacement over the same original."""
-    with _LOCK:
-        if _PATCHED.get(kind) not in (None, trainer_cls):
-            uninstall(kind)
-        rec = record(kind)
-        if rec is not None and rec.options == options:
-            return
-        if rec is None:
-            name = flavour.method_name
-            had_own = name in vars(trainer_cls)
-            rec = _Record(kind, name, vars(trainer_cls)[name] if had_own else getattr(trainer_cls, name), had_own,
-                          options)
-        replacement = _make_replacement(rec.original, flavour, options)
-        replacement._grpo_mel = dataclasses.replace(rec, options=options)
-        setattr(trainer_cls, rec.name, replacement)
-        _PATCHED[kind] = trainer_cls
-
-
-def uninstall(kind: str) -> None:
-    """Give the class patched for ``kind`` back the exact original function object. No-op if not patched."""
-    with _LOCK:
-        rec = record(kind)
-        cls = _PATCHED.pop(kind, None)
-        if rec is None:
-            return
-        if rec.had_own:
-            setattr(cls, rec.name, rec.original)
-        else:
-            delattr(cls, rec.name)
-
-
-@contextlib.contextmanager
-def patched_block(kind: str):
-    """On leaving the block, put ``kind``'s patch back as it was on entering it (the same replacement object)."""
-    with _LOCK:
-        cls, rec = _PATCHED.get(kind), record(kind)
-        replacement = None if cls is None else vars(cls)[rec.name]
-    try:
-        yield
-    finally:
-        with _LOCK:
-            uninstall(kind)
-            if cls is not None:
-                setattr(cls, rec.name, replacement)
-                _PATCHED[kind] = cls
-
-
-# --------------------------------------------------------------------------------------------------
-# the replacement method
-# --------------------------------------------------------------------------------------------------
-
-def _warn_once(key: str, msg: str, stacklevel: int = 3) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(f"grpo_mel: {msg}; falling back to TRL's own log-prob method.", stacklevel=stacklevel)
-
-
-def _make_replacement(original: Callable, flavour: TRLFlavour, options: Options = Options()) -> Callable:
-    if flavour.unsettled is not None:  # said once, at patch time (stacklevel: patch_grpo's caller)
-        _warn_once(flavour.unsettled, flavour.unsettled, stacklevel=5)
-
-    @functools.wraps(original)
-    def _grpo_mel_per_token_logps(self, *args, **kwargs):
-        if flavour.unsettled is not None:
-            return original(self, *args, **kwargs)
-        call, reason = _bind(flavour, self, args, kwargs)
-        target = None
-        if reason is None:
-            target, reason = _resolve(self, call)
-        if reason is not None:
-            _warn_once(reason, reason)
-            return original(self, *args, **kwargs)
-        if flavour.fused_head and _keep_trl_fused_head(call["input_ids"].device, options):
-            return original(self, *args, **kwargs)
-        return _compute(self, call, target, flavour, options)
-
-    return _grpo_mel_per_token_logps
-
-
-def _keep_trl_fused_head(device: torch.device, options: Options) -> bool:
-    """On TRL >= 1.15, whether this call keeps TRL's own fused LM head (see ``patch_grpo(override_fused_head=)``)."""
-    if options.override_fused_head is not None:
-        return not options.override_fused_head
-    keep = _trl_runs_triton(device)
-    key = f"fused-head:{device.type}:{keep}"
-    if key not in _WARNED:
-        _WARNED.add(key)
-        if keep:
-            _LOG.warning("grpo_mel: keeping TRL's fused LM head on %s: TRL runs its Triton kernel there, measured "
-                         "faster than grpo_mel's head at a similar peak (docs/benchmarks.md, \"GPU results\"); "
-                         "patch_grpo(override_fused_head=True) routes through grpo_mel instead.", device.type)
-        else:
-            _LOG.info("grpo_mel: replacing TRL's fused LM head on %s: TRL takes its torch fallback there (no Triton "
-                      "kernel), which peaks far above grpo_mel's chunked head (docs/benchmarks.md); "
-                      "patch_grpo(override_fused_head=False) keeps TRL's.", device.type)
-    return keep
-
-
-def _trl_runs_triton(device: torch.device) -> bool:
-    """Whether the installed TRL's fused head would run its Triton kernel on ``device``, by TRL's own check."""
-    try:
-        from trl.kernels.chunked_logprob import _use_triton
-    except ImportError:  # a TRL that moved it: the same rule as TRL 1.15 - 1.16's
-        import importlib.util
-
-        return device.type in ("cuda", "xpu") and importlib.util.find_spec("triton") is not None
-    return bool(_use_triton(device))
-
-
-# the arguments grpo_mel computes with; any other argument must be at its default (or the call goes to TRL)
-_UNDERSTOOD = frozenset(("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
-                         "compute_entropy", "compute_aux_loss", *_MM_KWARGS))
-
-
-def _bind(flavour: TRLFlavour, trainer, args: tuple, kwargs: dict) -> tuple[dict | None, str | None]:
-    """Name the call's arguments as TRL's method does: ``inspect.signature(method).bind``, then (TRL 1.14) bind
-    that again to the method its ``*args, **kwargs`` are forwarded to. Returns ``(arguments, None)``, or
-    ``(None, why)`` where the call does not bind or carries an argument grpo_mel does not handle."""
-    method = f"{type(trainer).__name__}.{flavour.method_name}"
-    first, *forwarded = flavour.signatures
-    try:
-        bound = first.bind(trainer, *args, **kwargs)
-        for sig in forwarded:
-            bound = sig.bind(*bound.args, **bound.kwargs)
-    except TypeError as e:
-        return None, f"the call does not bind to TRL's {method} ({e})"
-    bound.apply_defaults()
-    params = bound.signature.parameters
-    odd = []
-    for name, value in bound.arguments.items():
-        kind = params[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            odd += [f"{len(value)} unnamed positional"] if value else []
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            odd += sorted(value)
-        elif name not in _UNDERSTOOD and value is not params[name].default:
-            odd.append(name)
-        # a default left at its value is a call without it: nothing to handle
-    if odd:
-        return None, f"{method} got arguments grpo_mel does not handle ({', '.join(odd)})"
-    return {"batch_size": None, "compute_entropy": False, "compute_aux_loss": False, **bound.arguments}, None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Target:
-    """The model of one call, resolved once: what the trainer passed, its engine-free module, the causal LM
-    (under any PEFT wrapper), that LM's backbone and its LM head module (as the engine left it)."""
-
-    model: torch.nn.Module
-    unwrapped: torch.nn.Module
-    lm: torch.nn.Module
-    backbone: torch.nn.Module
-    head: torch.nn.Module
-
-
-def _unwrap(trainer, model):
-    acc = getattr(trainer, "accelerator", None)
-    return model if acc is None else acc.unwrap_model(model)
-
-
-def _resolve(trainer, call: dict) -> tuple[_Target | None, str | None]:
-    """``(target, None)``, or ``(None, why)`` where the chunked head cannot compute this call."""
-    if any(call.get(k) is not None for k in _MM_KWARGS):
-        return None, "vision-language / multimodal inputs (pixel_values etc.) are not handled by the chunked LM head"
-    model = call["model"]
-    unwrapped = _unwrap(trainer, model)
-    if is_peft(unwrapped):
-        cfg = getattr(unwrapped, "active_peft_config", None)
-        if cfg is not None and getattr(cfg, "is_prompt_learning", False):
-            return None, "prompt-learning PEFT (virtual tokens) is not handled by the chunked LM head"
-    lm = unwrap_peft(unwrapped)
-    config = getattr(lm, "config", None)
-    if config is None or not hasattr(lm, "get_output_embeddings"):
-        return None, f"{type(lm).__name__} is not a transformers causal LM"
-    if hasattr(config, "get_text_config") and config.get_text_config() is not config:
-        return None, f"{type(lm).__name__} is a vision-language model"
-    head = lm.get_output_embeddings()
-    inner = head_module(head) if head is not None else None
-    if inner is None or not isinstance(getattr(inner, "weight", None), torch.Tensor):
-        return None, f"{type(lm).__name__} has no plain LM head weight"
-    if type(inner).__module__.startswith("peft"):
-        return None, "the LM head carries a PEFT adapter (e.g. LoRA on lm_head or modules_to_save)"
-    if getattr(inner.weight, "quant_state", None) is not None or not inner.weight.is_floating_point():
-        return None, "the LM head weight is quantized"
-    hooks = _output_hooks(inner)
-    if hooks:
-        return None, (f"the LM head has forward hook(s) {', '.join(hooks)} that expect its logits (the chunked head "
-                      "returns per-token log-probs and never forms them)")
-    prefix = getattr(lm, "base_model_prefix", "")
-    backbone = getattr(lm, prefix, None) if prefix else None
-    if backbone is None or backbone is lm:
-        return None, f"{type(lm).__name__} exposes no backbone (base_model_prefix={prefix!r})"
-    return _Target(model, unwrapped, lm, backbone, head), None
-
-
-_ENGINE_HOOK_MODULES = ("torch.distributed", "deepspeed", "accelerate")
-
-
-def _output_hooks(module) -> list[str]:
-    """Forward (output) hooks on ``module`` other than the engines' own (FSDP2, DeepSpeed, accelerate), which only
-    reshard/release parameters and register backward hooks on whatever the call returns."""
-    names = []
-    for hook in list(module._forward_hooks.values()):
-        fn = getattr(hook, "func", hook)  # functools.partial
-        if not getattr(fn, "__module__", "").startswith(_ENGINE_HOOK_MODULES):
-            names.append(getattr(fn, "__qualname__", repr(fn)))
-    return names
-
-
-_MISSING = object()
-
-try:  # TRL's own (in the 0.19.1, 1.14.2 and 1.16.0 pins)
-    from trl.models.utils import _ForwardRedirection as _TRLForwardRedirection
-except ImportError:  # a TRL without it (the 0.16.1 pin): the same rerouting, written here
-    _TRLForwardRedirection = None
-
-
-def _redirect(wrapper, inner, method: Callable, *args, **kwargs):
-    """Call ``method(*args)`` inside ``wrapper``'s forward (DDP/FSDP/DeepSpeed hooks run): TRL's forward redirection
-    where the installed TRL has it. TRL's leaves ``inner.forward`` set as an instance attribute (and its redirect in
-    place if the call raises), so the instance attribute is put back as it was afterwards either way."""
-    saved = vars(inner).get("forward", _MISSING)
-
-    def restore():
-        if saved is _MISSING:
-            inner.__dict__.pop("forward", None)
-        else:
-            inner.forward = saved
-
-    try:
-        if _TRLForwardRedirection is not None:
-            return _TRLForwardRedirection()(wrapper, inner, method, *args, **kwargs)
-
-        def redirected(*a, **k):
-            restore()
-            return method(*a, **k)
-
-        inner.forward = redirected
-        return wrapper(*args, **kwargs)
-    finally:
-        restore()
-
-
-def _compute(trainer, call: dict, target: _Target, flavour: TRLFlavour, options: Options):
-    score = functools.partial(_score, trainer, flavour, call, target, options)
-    if target.model is not target.unwrapped or getattr(trainer, "is_fsdp_enabled", False):
-        outs = _redirect(target.model, target.unwrapped, score, call["input_ids"], call["attention_mask"])
-    else:
-        outs = score(call["input_ids"], call["attention_mask"])
-    logps, entropies, aux = outs
-    if flavour.returns == "tensor":
-        return logps
-    if flavour.returns == "pair":
-        return logps, entropies
-    return logps, entropies, aux
-
-
-def _autocast_ctx(trainer, unwrapped, flavour: TRLFlavour):
-    """The autocast the unpatched call would run under, on top of the caller's own context.
-
-    TRL >= 1.15 enters ``accelerator.autocast()`` around the model call itself. Earlier TRLs call the model, whose
-    ``forward`` accelerate wrapped in autocast when it prepared the model under mixed precision (it keeps the
-    original as ``_original_forward``); the redirection bypasses that wrapper, so its autocast is entered here. A
-    model that was never prepared runs in the caller's context, as the unpatched call would.
-    """
-    acc = getattr(trainer, "accelerator", None)
-    if acc is not None and (flavour.fused_head or "_original_forward" in vars(unwrapped)):
-        return acc.autocast()
-    return contextlib.nullcontext()
-
-
-def _score(trainer, flavour, call, target: _Target, options: Options, input_ids, attention_mask):
-    lm, backbone, head = target.lm, target.backbone, target.head
-    softcap, scale = logit_transform(lm.config)
-    temperature = float(getattr(trainer, "temperature", 1.0)) if flavour.uses_temperature else 1.0
-    entropy = bool(call.get("compute_entropy"))
-    entropy_grad = entropy and bool(getattr(trainer, "_entropy_bonus_enabled", False))
-    aux_wanted = bool(call.get("compute_aux_loss"))
-    fp32_head = bool(getattr(getattr(trainer, "args", None), "cast_lm_head_to_fp32", False))
-    fkw = dict(temperature=temperature, softcap=softcap, logit_scale=scale,
-               ignore_index=-100 if flavour.masks_padding else None)
-    fn = functools.partial(token_logprobs_and_entropy if entropy else token_logprobs, **fkw)
-    bs = call.get("batch_size") or input_ids.size(0)
-    K = call["logits_to_keep"]
-
-    all_lp, all_ent, all_aux = [], [], []
-    for start in range(0, input_ids.size(0), bs):
-        end = min(start + bs, input_ids.size(0))
-        ids, am = input_ids[start:end], attention_mask[start:end]
-        kw = dict(input_ids=ids, attention_mask=am, use_cache=False)
-        if aux_wanted:
-            kw["output_router_logits"] = True
-        labels = ids[:, -K:]
-        comp_mask = am[:, -K:]
-        if flavour.masks_padding:
-            labels = labels.masked_fill(comp_mask == 0, -100)
-        # backbone and head both run under the autocast of the unpatched call
-        with _autocast_ctx(trainer, target.unwrapped, flavour):
-            out = backbone(**kw)
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            hidden = hidden[:, :-1][:, -K:]  # position t predicts token t+1
-            # under autocast, TRL >= 1.15's fused head forms dX in float32; earlier TRLs' lm_head rounds it to bf16
-            res = _through_head(head, hidden, labels, fn, fp32_head, options, fp32_grad_input=flavour.fused_head)
-        lp, ent = res if entropy else (res, None)
-        if entropy:
-            if not entropy_grad:
-                ent = ent.detach()
-            if flavour.masks_padding:
-                ent = ent.masked_fill(comp_mask.to(ent.device) == 0, 0.0)
-            all_ent.append(ent)
-        all_lp.append(lp)
-        if aux_wanted:
-            all_aux.append(_aux_loss(lm, out, am))
-    logps = torch.cat(all_lp, 0)
-    ents = torch.cat(all_ent, 0) if entropy else None
-    aux = torch.stack(all_aux).mean() if aux_wanted else None
-    return logps, ents, aux
-
-
-def _through_head(head, hidden, labels, fn, fp32_head: bool, options: Options, fp32_grad_input: bool):
-    """``fn`` over the head's logits, chunked, computed INSIDE a call of the head module.
-
-    ``head(hidden, labels)`` with the inner module's ``forward`` redirected to the chunked computation runs every
-    hook the engine put on that module: FSDP1/FSDP2 unshard the weight before and reshard after it (and again
-    around the backward, where they reduce-scatter its gradient); DeepSpeed ZeRO-3 fetches and releases its
-    partitions. Reading ``head.weight`` from outside the call would see a shard (FSDP1: a flat 1-D shard, FSDP2: a
-    DTensor) and skip the gradient's reduction. Nothing is gathered or copied here; the backward's recompute reads
-    the weight the engine re-gathers for it, exactly as ``lm_head``'s own backward would.
-    """
-    inner = head_module(head)
-
-    def forward(h):
-        weight, bias = _full(inner.weight), _full(inner.bias)
-        # cast_lm_head_to_fp32: TRL runs the head in float32 outside autocast; otherwise the GEMM inside runs in the
-        # autocast dtype where autocast is on, as ``lm_head(hidden)`` would (f upcasts to float32 after it)
-        ctx = torch.autocast(h.device.type, enabled=False) if fp32_head else contextlib.nullcontext()
-        with ctx:
-            dtype = torch.float32 if fp32_head else weight.dtype
-            h = h.to(device=weight.device, dtype=dtype)
-            w = weight if weight.dtype == dtype else weight.to(dtype)
-            b = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
-            return chunked_linear(h, w, fn, labels.to(weight.device), bias=b, chunk_size=options.chunk_size,
-                                  memory_budget=options.memory_budget, fp32_grad_input=fp32_grad_input)
-
-    return _redirect(head, inner, forward, hidden)  # one argument, as lm_head(hidden): pre-hooks see what they expect
-
-
-def _full(t):
-    """A tensor-parallel DTensor head weight (not FSDP-managed: FSDP unshards inside the call) gathered whole."""
-    if t is None:
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return t
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _aux_loss(lm, out, attention_mask):
-    """MoE load-balancing loss as the model's own forward (and TRL's fused head) computes it."""
-    router_logits = getattr(out, "router_logits", None)
-    if router_logits is None:
-        raise RuntimeError(
-            f"grpo_mel: compute_aux_loss=True but {type(lm).__name__}'s backbone returned no router_logits; "
-            "this model's MoE auxiliary loss is not supported by the chunked path. Call "
-            "grpo_mel.unpatch_grpo() or set router_aux_loss_coef=0."
-        )
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    n_exp = getattr(lm, "num_experts", None) or getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts")
-    top_k = getattr(lm, "num_experts_per_tok", None) or getattr(cfg, "num_experts_per_tok")
-    return load_balancing_loss_func(router_logits, n_exp, top_k, attention_mask)
+def grpo_patched(options: Options | None = None, *, trainer_cls: type | None = None, **kwargs):
+    """``with grpo_patched(chunk_size=...) as summary:`` :func:`patch_grpo` for the block; the previous state
+    (unpatched, or patched with other options) is restored on exit."""
+    with patched_block(GRPO.kind):
+        yield patch_grpo(options, trainer_cls=trainer_cls, **kwargs)

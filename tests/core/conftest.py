@@ -8,7 +8,9 @@ whole graph. The chunked path is compared against it.
 The reference ``f``'s upcast with :func:`upcast` (float32 for half dtypes, unchanged for float64), so the
 same reference runs in float64 as the "exact" answer for bf16/fp16 error comparisons.
 
-Test modules import the helpers with ``from .conftest import ...`` (tests/core is a package).
+Test modules import the helpers with ``from .conftest import ...`` (tests/core is a package). The seed
+notebook's own functions (``transformation_function``, ``mse_loss_function``, ``NaiveLinear``) are ported at the
+end: test_seed_convention.py and test_memory.py compare with them.
 
 ``GRPO_MEL_TEST_DEVICE`` (default ``cpu``) is the device the builders here put their tensors on, e.g.
 ``GRPO_MEL_TEST_DEVICE=cuda pytest tests/core/test_parity.py`` runs the parity tests on a GPU. Values are
@@ -252,3 +254,47 @@ class ChunkRecorder:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# ----------------------------------------------------------------------------- ported from the seed
+
+def transformation_function(batch, linear, labels):
+    x = linear(batch).float()  # Up projection to large space
+    down_projection_function = torch.nn.CrossEntropyLoss(reduction="mean")
+    # Down projection to small space
+    loss = down_projection_function(x.view(-1, x.shape[-1]), labels.view(-1))
+    return loss
+
+
+def mse_loss_function(batch, linear, labels):
+    """Alternative loss function using MSE loss instead of cross-entropy."""
+    x = linear(batch).float()
+    one_hot_labels = torch.zeros((labels.view(-1).size(0), linear.weight.size(0)), device=labels.device)
+    one_hot_labels.scatter_(1, labels.view(-1, 1), 1)
+    loss_fn = torch.nn.MSELoss(reduction="mean")
+    loss = loss_fn(x.view(-1, x.shape[-1]), one_hot_labels)
+    return loss
+
+
+class NaiveLinear(torch.autograd.Function):
+    """The seed's NaiveLinear (full logits, recomputed in backward), with dX computed on a detached copy."""
+
+    @staticmethod
+    def forward(ctx, X, linear, labels, forward_function):
+        with torch.no_grad():
+            loss = forward_function(X, linear, labels)
+        ctx.save_for_backward(X, labels)
+        ctx.linear = linear
+        ctx.forward_function = forward_function
+        return loss
+
+    @staticmethod
+    def backward(ctx, dY):
+        X, labels = ctx.saved_tensors
+        linear = ctx.linear
+        with torch.enable_grad():
+            Xd = X.detach().requires_grad_(True)
+            linear.weight.requires_grad = True
+            loss = ctx.forward_function(Xd, linear, labels)
+        loss.backward(dY)  # dW accumulates into linear.weight.grad, as in the seed
+        return Xd.grad, None, None, None

@@ -14,7 +14,7 @@ from torch import nn
 from grpo_mel import MemoryEfficientLinear, chunked_linear, linear_token_logprobs
 from grpo_mel.memory import peak_memory
 
-from .test_seed_convention import NaiveLinear, mse_loss_function, transformation_function
+from .conftest import NaiveLinear, mse_loss_function, transformation_function
 
 V = 32_000
 

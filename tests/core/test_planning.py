@@ -24,9 +24,11 @@ from grpo_mel.planning import (
 from .conftest import ChunkRecorder, assert_close_fp32, make_inputs, naive_apply, ref_token_logprobs
 
 
-@pytest.mark.parametrize("value", [None, 1, 7, 10**9])
-def test_validate_chunk_size_accepts(value):
-    validate_chunk_size(value)
+@pytest.mark.parametrize("value,rows", [(None, 196), (1, 1), (7, 7), (10**9, 1000)])
+def test_validate_chunk_size_accepts(value, rows):
+    """An accepted chunk size is the one the planner then uses (None: planned from the default budget)."""
+    assert validate_chunk_size(value) is None
+    assert plan_chunk_size(1000, 32000, torch.float32, "cpu", chunk_size=value) == rows
 
 
 @pytest.mark.parametrize("value,exc,msg", [
@@ -42,9 +44,12 @@ def test_validate_chunk_size_rejects(value, exc, msg):
         validate_chunk_size(value)
 
 
-@pytest.mark.parametrize("value", [None, 1, 0.5, 2**30, 1e12])
-def test_validate_memory_budget_accepts(value):
-    validate_memory_budget(value)
+@pytest.mark.parametrize("value,rows", [(None, 196), (1, 1), (0.5, 1), (2**30, 1000), (1e12, 1000),
+                                        (2**20 * 50, 102)])
+def test_validate_memory_budget_accepts(value, rows):
+    """An accepted budget is the one the planner then divides (bytes // 512000 per fp32 row at V=32000, in [1, N])."""
+    assert validate_memory_budget(value) is None
+    assert plan_chunk_size(1000, 32000, torch.float32, "cpu", memory_budget=value) == rows
 
 
 @pytest.mark.parametrize("value,exc,msg", [

@@ -1,82 +1,34 @@
 """The seed notebook's convention: ``MemoryEfficientLinear.apply(X, linear, labels, forward_function)``.
 
 ``transformation_function`` (CE), ``mse_loss_function`` and ``NaiveLinear`` are ported from the seed
-(/work/shared/seeds), and ``test_comparison`` is reduced to CPU-sized shapes (bsz 2, seq 64, hidden 64,
-vocab 1000). One deliberate change: the seed's ``NaiveLinear.backward`` sets ``X.requires_grad`` on the
-saved input and returns ``X.grad`` after ``loss.backward``, which accumulates dX into ``X.grad`` *and*
-returns it, so the caller sees 2·dX (the reason the seed's own chunked version multiplied by 2). The port
-differentiates a detached copy instead; ``test_seed_naive_linear_verbatim_doubles_dx`` pins the difference.
+(/work/shared/seeds; they live in conftest.py, test_memory.py uses them too), and the seed's ``test_comparison``
+is :func:`compare_with_naive` here, reduced to CPU-sized shapes (bsz 2, seq 64, hidden 64, vocab 1000). One
+deliberate change: the seed's ``NaiveLinear.backward`` sets ``X.requires_grad`` on the saved input and returns
+``X.grad`` after ``loss.backward``, which accumulates dX into ``X.grad`` *and* returns it, so the caller sees 2·dX
+(the reason the seed's own chunked version multiplied by 2). The port differentiates a detached copy instead;
+``test_seed_naive_linear_verbatim_doubles_dx`` pins the difference.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
 from torch import nn
-from torch.nn import CrossEntropyLoss, MSELoss
+from torch.nn import CrossEntropyLoss
 
 from grpo_mel import MemoryEfficientLinear
 
-from .conftest import assert_close_fp32
+from .conftest import NaiveLinear, assert_close_fp32, mse_loss_function, transformation_function
 
 
-# ----------------------------------------------------------------------------- ported from the seed
+# ----------------------------------------------------------------------------- the seed's NaiveLinear, verbatim
 
-def transformation_function(batch, linear, labels):
-    x = linear(batch).float()  # Up projection to large space
-    down_projection_function = CrossEntropyLoss(reduction="mean")
-    # Down projection to small space
-    loss = down_projection_function(x.view(-1, x.shape[-1]), labels.view(-1))
-    return loss
-
-
-def mse_loss_function(batch, linear, labels):
-    """Alternative loss function using MSE loss instead of cross-entropy."""
-    x = linear(batch).float()
-    one_hot_labels = torch.zeros((labels.view(-1).size(0), linear.weight.size(0)), device=labels.device)
-    one_hot_labels.scatter_(1, labels.view(-1, 1), 1)
-    loss_fn = MSELoss(reduction="mean")
-    loss = loss_fn(x.view(-1, x.shape[-1]), one_hot_labels)
-    return loss
-
-
-class NaiveLinear(torch.autograd.Function):
-    """The seed's NaiveLinear (full logits, recomputed in backward), with dX computed on a detached copy."""
-
-    @staticmethod
-    def forward(ctx, X, linear, labels, forward_function):
-        with torch.no_grad():
-            loss = forward_function(X, linear, labels)
-        ctx.save_for_backward(X, labels)
-        ctx.linear = linear
-        ctx.forward_function = forward_function
-        return loss
-
-    @staticmethod
-    def backward(ctx, dY):
-        X, labels = ctx.saved_tensors
-        linear = ctx.linear
-        with torch.enable_grad():
-            Xd = X.detach().requires_grad_(True)
-            linear.weight.requires_grad = True
-            loss = ctx.forward_function(Xd, linear, labels)
-        loss.backward(dY)  # dW accumulates into linear.weight.grad, as in the seed
-        return Xd.grad, None, None, None
-
-
-class _SeedNaiveLinearVerbatim(torch.autograd.Function):
-    """The seed's NaiveLinear exactly as written (for the pinned double-counting test only)."""
-
-    @staticmethod
-    def forward(ctx, X, linear, labels, forward_function):
-        with torch.no_grad():
-            loss = forward_function(X, linear, labels)
-        ctx.save_for_backward(X, labels)
-        ctx.linear = linear
-        ctx.forward_function = forward_function
-        return loss
+class _SeedNaiveLinearVerbatim(NaiveLinear):
+    """The seed's NaiveLinear exactly as written (for the pinned double-counting test only): the port's forward,
+    the seed's own backward."""
 
     @staticmethod
     def backward(ctx, dY):
@@ -90,8 +42,8 @@ class _SeedNaiveLinearVerbatim(torch.autograd.Function):
         return X.grad, None, None, None
 
 
-def test_comparison(batch_size=2, seq_length=64, hidden_dim=64, vocab_size=1000,
-                    loss_function=transformation_function, seed=42, two_d=False, extra_args=(), bias=False):
+def compare_with_naive(batch_size=2, seq_length=64, hidden_dim=64, vocab_size=1000,
+                       loss_function=transformation_function, seed=42, two_d=False, extra_args=(), bias=False):
     """The seed's test_comparison, reduced: naive vs memory-efficient loss, dX and dW."""
     device = torch.device("cpu")
     torch.manual_seed(seed)
@@ -137,30 +89,32 @@ def test_comparison(batch_size=2, seq_length=64, hidden_dim=64, vocab_size=1000,
     return {"naive": naive, "efficient": eff}
 
 
-test_comparison.__test__ = False  # a helper with parameters (it returns results), as in the seed
-
-
 def test_comparison_seed_defaults():
-    """The seed's first call: CE, 3-D X, automatic chunking (reduced shapes)."""
-    out = test_comparison()
-    assert torch.isfinite(out["efficient"]["loss"])
+    """The seed's first call: CE, 3-D X, automatic chunking (reduced shapes): the loss is the mean cross-entropy of
+    random logits (near log V) and equals naive's, with the same, non-zero, gradients."""
+    out = compare_with_naive()
+    eff, naive = out["efficient"], out["naive"]
+    assert abs(float(eff["loss"]) - math.log(1000)) < 0.5
+    for k in ("loss", "X_grad", "W_grad"):
+        assert_close_fp32(eff[k], naive[k], what=k)
+    assert eff["X_grad"].abs().max() > 0 and eff["W_grad"].abs().max() > 0
 
 
 @pytest.mark.parametrize("two_d", [False, True], ids=["X3d", "X2d"])
 @pytest.mark.parametrize("loss_function", [transformation_function, mse_loss_function], ids=["ce", "mse"])
 def test_comparison_functions(loss_function, two_d):
-    test_comparison(loss_function=loss_function, two_d=two_d)
+    compare_with_naive(loss_function=loss_function, two_d=two_d)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 37, 10_000])
 @pytest.mark.parametrize("loss_function", [transformation_function, mse_loss_function], ids=["ce", "mse"])
 def test_comparison_chunk_size_fifth_arg(loss_function, chunk_size):
     """Optional chunk_size as the 5th positional argument, including uneven last chunks and > N."""
-    test_comparison(loss_function=loss_function, extra_args=(chunk_size,), seq_length=32 if chunk_size == 1 else 64)
+    compare_with_naive(loss_function=loss_function, extra_args=(chunk_size,), seq_length=32 if chunk_size == 1 else 64)
 
 
 def test_comparison_with_bias_2d():
-    test_comparison(loss_function=transformation_function, two_d=True, extra_args=(9,), bias=True)
+    compare_with_naive(loss_function=transformation_function, two_d=True, extra_args=(9,), bias=True)
 
 
 def test_chunk_size_fifth_arg_is_used():
@@ -185,7 +139,7 @@ def test_sum_reduction_sixth_arg():
         x = linear(batch).float()
         return CrossEntropyLoss(reduction="sum")(x.view(-1, x.shape[-1]), labels.view(-1))
 
-    test_comparison(loss_function=ce_sum, extra_args=(7, "sum"))
+    compare_with_naive(loss_function=ce_sum, extra_args=(7, "sum"))
 
 
 def test_per_row_forward_function():

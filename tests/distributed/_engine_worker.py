@@ -73,15 +73,15 @@ def _skip_deepspeed_shm_op():
 def _count_chunked_head_calls() -> list:
     """Calls of grpo_mel's chunked head from the patched trainer, counted: a patched case must run it (not fall back
     to TRL's method), an unpatched one never."""
-    import grpo_mel.integrations.trl_grpo as trl_grpo
+    import grpo_mel.integrations._logps as _logps
 
-    calls, original = [], trl_grpo.chunked_linear
+    calls, original = [], _logps.chunked_linear
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    trl_grpo.chunked_linear = counted
+    _logps.chunked_linear = counted
     return calls
 
 

@@ -1,6 +1,6 @@
 """A sharded LM-head weight (a DTensor, rows split over 2 gloo ranks) through the patch's gather.
 
-``grpo_mel.integrations.trl_grpo._full`` is what the patched GRPO path applies to a head weight/bias that reaches it
+``grpo_mel.integrations._logps._full`` is what the patched GRPO path applies to a head weight/bias that reaches it
 as a DTensor no FSDP unit gathers (tensor parallel; FSDP unshards the head inside the ``lm_head`` call, see
 test_engines.py): the all-gather (``full_tensor``) is differentiable, so the chunked head's dW flows back to each
 rank's shard. Each rank's shard gradient must equal its rows of the unsharded reference.
@@ -47,7 +47,7 @@ def _worker(rank, port, out_dir):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
 
-        from grpo_mel.integrations.trl_grpo import _full
+        from grpo_mel.integrations._logps import _full
 
         mesh = init_device_mesh("cpu", (WORLD,))
         X, W, b, labels, adv = _data()

@@ -104,16 +104,20 @@ def test_vllm_without_a_gpu(monkeypatch, capsys, no_model):
     _stops(capsys, GRPO, ["--use-vllm"], "--use-vllm", "needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("example,argv", [
-    (GRPO, ["--bf16", "--finetune", "full", "--model", "llama-1b-random"]),  # bf16 on the CPU is allowed
-    (SFT, ["--no-4bit", "--dtype", "bfloat16"]),
-    (SFT, ["--full", "--model", "org/name"]),  # --full implies --no-4bit; a hub id is not checked locally
+@pytest.mark.parametrize("example,argv,parsed", [
+    (GRPO, ["--bf16", "--finetune", "full", "--model", "llama-1b-random"],  # bf16 on the CPU is allowed
+     dict(bf16=True, finetune="full", model="llama-1b-random")),
+    (SFT, ["--no-4bit", "--dtype", "bfloat16"], dict(no_4bit=True, dtype="bfloat16")),
+    # --full implies --no-4bit; a hub id is not checked locally
+    (SFT, ["--full", "--model", "org/name"], dict(full=True, no_4bit=True, model="org/name")),
 ])
-def test_what_needs_nothing_missing_is_accepted(monkeypatch, example, argv):
-    """With bitsandbytes, matplotlib and vllm all missing and no GPU, these parse (the checks are not blanket)."""
+def test_what_needs_nothing_missing_is_accepted(monkeypatch, example, argv, parsed):
+    """With bitsandbytes, matplotlib and vllm all missing and no GPU, these parse (the checks are not blanket),
+    to the values asked for."""
     _missing(monkeypatch, "bitsandbytes", "matplotlib", "vllm")
     _no_gpu(monkeypatch)
-    load_example(example).parse_args(argv)  # no SystemExit
+    args = load_example(example).parse_args(argv)  # no SystemExit
+    assert {k: getattr(args, k) for k in parsed} == parsed
 
 
 _CLI = """

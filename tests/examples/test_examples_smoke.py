@@ -35,9 +35,9 @@ def grpo_result():
 
 
 def _grpo_main(mod):
-    from grpo_mel.integrations import trl_grpo
+    from grpo_mel.integrations import _logps
 
-    with calls_per_run(mod, trl_grpo, "chunked_linear") as calls:
+    with calls_per_run(mod, _logps, "chunked_linear") as calls:
         res = _grpo_argv(mod)
     return dict(res, calls=calls)
 

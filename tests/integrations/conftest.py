@@ -26,6 +26,7 @@ from packaging.version import Version  # noqa: E402
 
 import grpo_mel  # noqa: E402
 from grpo_mel import testing as gt  # noqa: E402
+from grpo_mel.integrations import _logps, reset_warnings  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                 "examples"))  # the local reward task (examples/arithmetic_task.py)
 import arithmetic_task as task  # noqa: E402
@@ -35,10 +36,13 @@ CHUNK = 7  # several chunks, an uneven last one, for every test below
 
 
 @pytest.fixture(autouse=True)
-def _always_unpatched():
-    grpo_mel.unpatch_grpo()
+def _unpatched_and_unwarned():
+    """Every test starts and ends with no trainer patched and every once-only warning unsaid."""
+    grpo_mel.unpatch_trl()
+    reset_warnings()
     yield
-    grpo_mel.unpatch_grpo()
+    grpo_mel.unpatch_trl()
+    reset_warnings()
 
 
 @functools.lru_cache(None)
@@ -210,6 +214,68 @@ def count_calls(obj, name):
         yield box
     finally:
         setattr(obj, name, orig)
+
+
+def build_trainer(tmp_path, case: dict):
+    """:func:`make_trainer` for one parity case: ``kind`` ("llama" / "gemma2"), ``tied``, ``lora`` (a LoRA policy),
+    ``head_scale`` (the head's weight multiplied by it) and GRPOConfig overrides."""
+    cfg = dict(case)
+    kind, tied, lora = cfg.pop("kind", "llama"), cfg.pop("tied", False), cfg.pop("lora", False)
+    head_scale = cfg.pop("head_scale", None)
+    model = make_model(kind, tied=tied)
+    if head_scale is not None:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(head_scale)
+    peft_config = None
+    if lora:
+        peft = pytest.importorskip("peft")
+        peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    return make_trainer(tmp_path, model=model, peft_config=peft_config, **cfg)
+
+
+def check_parity(trainer, n_prompts=2, grad_tol=None, patched=None):
+    """Unpatched vs patched (``patched``: the patch's context manager, default grpo_mel.grpo_patched) on the same
+    trainer: same generations, old/ref log-probs, loss and every gradient."""
+    batch = generation_batch(trainer, n_prompts)
+    ref_inputs = generate(trainer, batch)
+    ref_loss, ref_grads = loss_and_grads(trainer, ref_inputs)
+    with (patched or grpo_mel.grpo_patched)(chunk_size=CHUNK), count_calls(_logps, "chunked_linear") as spy:
+        new_inputs = generate(trainer, batch)
+        n_gen = spy["n"]
+        new_loss, new_grads = loss_and_grads(trainer, new_inputs)
+        assert spy["n"] > n_gen, "the patched path did not run for the policy"
+    # generation is untouched and seeded: identical completions
+    assert torch.equal(ref_inputs["completion_ids"], new_inputs["completion_ids"])
+    adv = ref_inputs["advantages"]
+    assert adv.abs().max() > 0, "rewards did not vary: the loss would not test anything"
+    torch.testing.assert_close(new_inputs["advantages"], adv)
+    for k in ("old_per_token_logps", "ref_per_token_logps"):
+        a, b = ref_inputs.get(k), new_inputs.get(k)
+        assert (a is None) == (b is None), k
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}")
+    torch.testing.assert_close(new_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(ref_grads, new_grads, **(grad_tol or {}))
+    return ref_inputs
+
+
+# a step whose logits dominate its peak: a 32000-way head on a hidden size of 64, 2 prompts x 128 completion tokens
+MEM_V, MEM_H, MEM_PROMPTS, MEM_COMPLETION = 32000, 64, 2, 128
+
+
+def memory_step_inputs(trainer):
+    """A prepared GRPO/RLOO batch of ``MEM_PROMPTS`` prompts with random ``MEM_COMPLETION``-token completions."""
+    inputs = generate(trainer, generation_batch(trainer, MEM_PROMPTS))
+    B = inputs["completion_ids"].size(0)
+    g = torch.Generator().manual_seed(0)
+    inputs["completion_ids"] = torch.randint(5, 1000, (B, MEM_COMPLETION), generator=g)
+    inputs["completion_mask"] = torch.ones(B, MEM_COMPLETION, dtype=inputs["completion_mask"].dtype)
+    for k in ("old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps", "importance_sampling_ratio"):
+        if isinstance(inputs.get(k), torch.Tensor) and inputs[k].dim() == 2:
+            inputs[k] = None
+    if "num_items_in_batch" in inputs:
+        inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
+    return inputs
 
 
 needs_trl = pytest.mark.trl

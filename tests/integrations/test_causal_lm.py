@@ -241,6 +241,34 @@ def test_autocast_bf16_cpu():
         assert rel < 5e-2
 
 
+def test_autocast_runs_the_head_in_bf16_forward_and_recompute():
+    """causal_lm casts nothing by hand under autocast: the chunked function's GEMMs run in the autocast dtype, in
+    the forward and in the backward's recompute (the core replays the autocast state), and the weight's gradient
+    comes back float32, like the weight."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HeadGemms(TorchDispatchMode):  # dispatch-level: it sees the backward's recompute too
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in ("mm", "addmm") and out.shape[-1] == V:  # [c, V] logits
+                self.dtypes.append(out.dtype)
+            return out
+
+    model = tiny_llama(vocab_size=V)
+    grpo_mel.patch_causal_lm(model, chunk_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16), HeadGemms() as fwd:
+        loss = model(**_batch()).loss
+    with HeadGemms() as bwd:
+        (g,) = torch.autograd.grad(loss, [model.lm_head.weight])
+    assert fwd.dtypes and set(fwd.dtypes) == {torch.bfloat16}
+    assert bwd.dtypes and set(bwd.dtypes) == {torch.bfloat16}  # recomputed chunks: bf16 again, outside autocast
+    assert loss.dtype == torch.float32 and g.dtype == torch.float32
+
+
 def test_bf16_model_hidden_cast_to_head_dtype():
     model = tiny_llama(vocab_size=V, dtype=torch.bfloat16)
     batch = _batch()
@@ -281,6 +309,31 @@ def test_causal_lm_loss_function_directly():
     for softcap in (None, 30.0):
         with pytest.raises(ValueError, match=rf"labels must be in \[0, {V}\) or ignore_index=-100; found {V}"):
             causal_lm_loss(h, w, bad, softcap=softcap)
+
+
+def test_options_object_and_override_fused_head():
+    """patch_causal_lm takes the trainer patches' Options (or its fields as keywords); override_fused_head has no
+    use here and is refused, naming the option and the value."""
+    from grpo_mel.integrations import Options
+
+    model = tiny_llama(vocab_size=V)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = _batch()
+    ref, ref_g = _loss_grads(model, params, **batch)
+    with count_calls(causal_lm, "linear_cross_entropy") as spy:
+        grpo_mel.patch_causal_lm(model, Options(chunk_size=4))
+        out, g = _loss_grads(model, params, **batch)
+    assert spy["n"] == 1 and out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    _assert_grads(g, ref_g)
+    unpatch_causal_lm(model)
+    with pytest.raises(ValueError, match=r"patch_causal_lm has no use for override_fused_head .*got True"):
+        grpo_mel.patch_causal_lm(model, override_fused_head=True)
+    with pytest.raises(TypeError, match=r"override_fused_head must be True, False or None .*got 'false'"):
+        grpo_mel.patch_causal_lm(model, Options(chunk_size=4), override_fused_head="false")
+    with pytest.raises(TypeError, match=r"unknown option chunk"):
+        grpo_mel.patch_causal_lm(model, chunk=4)
+    assert not is_causal_lm_patched(model)
 
 
 def test_rejects_non_causal_lm():

@@ -16,7 +16,7 @@ import torch
 
 import grpo_mel
 
-from grpo_mel.integrations import trl_grpo
+from grpo_mel.integrations import _logps
 
 from .conftest import CHUNK, generate, generation_batch, loss_and_grads, make_trainer
 
@@ -46,13 +46,13 @@ def _record_gemm_dtypes(monkeypatch):
     """The dtype of the logits each chunked f receives: the dtype the head's GEMM ran in."""
     seen = []
     for name in ("token_logprobs", "token_logprobs_and_entropy"):
-        orig = getattr(trl_grpo, name)
+        orig = getattr(_logps, name)
 
         def spy(z, *a, _orig=orig, **k):
             seen.append(z.dtype)
             return _orig(z, *a, **k)
 
-        monkeypatch.setattr(trl_grpo, name, spy)
+        monkeypatch.setattr(_logps, name, spy)
     return seen
 
 

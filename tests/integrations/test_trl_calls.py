@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import grpo_mel
-from grpo_mel.integrations import _trl_compat, trl_grpo
+from grpo_mel.integrations import _logps, _trl_compat
 
 from .conftest import CHUNK, count_calls, generate, generation_batch, loss_and_grads, make_model, make_trainer
 
@@ -34,7 +34,7 @@ def _record_calls(monkeypatch, trainer, heads):
         log.append(dict(model=model, head=counters["head"] - head0, chunked=spy["n"] - chunk0))
         return out
 
-    with count_calls(trl_grpo, "chunked_linear") as spy:
+    with count_calls(_logps, "chunked_linear") as spy:
         monkeypatch.setattr(GRPOTrainer, name, recorder)
         yield log
 
@@ -73,7 +73,7 @@ def test_eval_prediction_step_uses_patched_path(tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         want = trainer.compute_loss(trainer.model, inputs)
-    with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
+    with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(_logps, "chunked_linear") as spy:
         with torch.no_grad():
             got = trainer.compute_loss(trainer.model, inputs)
     assert spy["n"] > 0
@@ -90,7 +90,7 @@ def test_generation_unchanged_by_patch(tmp_path):
     torch.manual_seed(0)
     want = model.generate(**enc, max_new_tokens=6, do_sample=True)
     grpo_mel.patch_grpo(chunk_size=CHUNK)
-    with count_calls(trl_grpo, "chunked_linear") as spy:
+    with count_calls(_logps, "chunked_linear") as spy:
         torch.manual_seed(0)
         got = model.generate(**enc, max_new_tokens=6, do_sample=True)
     assert spy["n"] == 0
@@ -120,7 +120,7 @@ def test_wrapped_model_goes_through_the_wrapper_forward(tmp_path, monkeypatch):
     am[0, :3] = 0
     want = getattr(trainer, f.method_name)(inner, ids, am, 5)
     had_forward = "forward" in vars(inner)
-    with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
+    with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(_logps, "chunked_linear") as spy:
         got = getattr(trainer, f.method_name)(wrapped, ids, am, 5)
     assert wrapped.calls == 1 and spy["n"] == 1
     assert ("forward" in vars(inner)) == had_forward  # the module's forward is restored

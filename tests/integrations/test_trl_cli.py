@@ -3,7 +3,7 @@
 
 Everything is local: a tiny model and tokenizer saved to disk, a JSONL dataset, and a reward module in the run's
 directory that TRL's script loads by name (``--reward_funcs rewards.length_reward``). That module also installs
-this test's counter around the function grpo_mel's patch computes with (``trl_grpo.chunked_linear``), appending
+this test's counter around the function grpo_mel's patch computes with (``_logps.chunked_linear``), appending
 one line per call to a file, so the test sees that the patched head ran inside the worker (the library keeps no
 counter). One optimizer step each.
 """
@@ -30,9 +30,9 @@ pytestmark = [pytest.mark.trl, pytest.mark.slow]
 REWARDS = '''
 import os
 
-from grpo_mel.integrations import trl_grpo
+from grpo_mel.integrations import _logps
 
-_real = trl_grpo.chunked_linear
+_real = _logps.chunked_linear
 
 
 def _counted(*args, **kwargs):  # this test's counter, installed in the worker when TRL imports this module
@@ -41,7 +41,7 @@ def _counted(*args, **kwargs):  # this test's counter, installed in the worker w
     return _real(*args, **kwargs)
 
 
-trl_grpo.chunked_linear = _counted
+_logps.chunked_linear = _counted
 
 
 def length_reward(completions, **kwargs):

@@ -18,20 +18,12 @@ import pytest
 import torch
 
 import grpo_mel
-from grpo_mel.integrations import _trl_compat, trl_grpo
+from grpo_mel.integrations import Options, _logps, _trl_compat
 
-from .conftest import CHUNK, assert_grads_close, count_calls, generate, generation_batch, loss_and_grads, make_trainer
-from .conftest import trl
-from .test_trl_parity import check_parity
+from .conftest import CHUNK, assert_grads_close, check_parity, count_calls, generate, generation_batch, loss_and_grads
+from .conftest import make_trainer, trl
 
 pytestmark = pytest.mark.trl
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings():
-    trl_grpo._WARNED.clear()
-    yield
-    trl_grpo._WARNED.clear()
 
 
 def _grpo_trainer():
@@ -74,7 +66,7 @@ def _padded_call(trainer, name):
     method = getattr(trainer, name)
     with torch.no_grad():
         want = method(trainer.model, ids, am, 6, **kw)
-        with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
+        with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(_logps, "chunked_linear") as spy:
             got = getattr(trainer, name)(trainer.model, ids, am, 6, **kw)
     assert spy["n"] > 0, "the patched path did not run"
     return want, got
@@ -109,7 +101,8 @@ def test_unreadable_method_uses_the_table_at_temperature_07(tmp_path):
     with _replaced_method(_opaque) as name:
         assert _trl_compat.from_source(_grpo_trainer(), name, _trl_compat.row_for(trl.__version__)) is None
         f = _trl_compat.detect()
-        assert f.unsettled is None and f.uses_temperature
+        row = _trl_compat.row_for(trl.__version__)
+        assert f.unsettled is None and all(getattr(f, k) == getattr(row, k) for k in _trl_compat._FLAGS)
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             want, got = _padded_call(trainer, name)
@@ -124,7 +117,7 @@ def _trl_numbers_with_one_warning(trainer, name, match):
     ref_loss, ref_grads = loss_and_grads(trainer, inputs)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
+        with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(_logps, "chunked_linear") as spy:
             new_loss, new_grads = loss_and_grads(trainer, inputs)
             loss_and_grads(trainer, inputs)
     msgs = [str(x.message) for x in w if "grpo_mel" in str(x.message)]
@@ -144,15 +137,14 @@ def test_newer_trl_warns_and_runs_trls_method(tmp_path, monkeypatch):
 
 
 def test_source_disagreeing_with_table_warns_and_runs_trls_method(tmp_path, monkeypatch):
-    """A row that says 'no temperature' where the installed source divides by it: TRL's method, one warning."""
+    """A row that says the opposite of the installed source about the padding mask: TRL's method, one warning."""
     trainer = make_trainer(tmp_path, temperature=0.7)
     row = _trl_compat.row_for(trl.__version__)
-    wrong = dataclasses.replace(row, uses_temperature=False)
-    table = tuple(wrong if r is row else r for r in _trl_compat.GRPO.table)
-    monkeypatch.setattr(_trl_compat, "GRPO", dataclasses.replace(_trl_compat.GRPO, table=table))
+    wrong = dataclasses.replace(row, masks_padding=not row.masks_padding)
+    monkeypatch.setattr(_trl_compat, "row_for", lambda version, table=None: wrong)
     f = _trl_compat.detect()
-    assert f.unsettled is not None and f.uses_temperature is None  # no flag is guessed
-    _trl_numbers_with_one_warning(trainer, row.method_name, "uses_temperature")
+    assert f.unsettled is not None and f.masks_padding is None and f.fused_head is None  # no flag is guessed
+    _trl_numbers_with_one_warning(trainer, row.method_name, "masks_padding")
 
 
 def test_unbindable_call_warns_and_lets_trl_raise(tmp_path):
@@ -180,7 +172,7 @@ def test_argument_the_patch_does_not_handle_warns(tmp_path):
         return "trl"
 
     fake_original.__signature__ = new_sig
-    repl = trl_grpo._make_replacement(fake_original, dataclasses.replace(f, signatures=(new_sig,)))
+    repl = _logps.make_replacement(fake_original, dataclasses.replace(f, signatures=(new_sig,)), Options())
     ids = torch.randint(5, 1000, (2, 12))
     am = torch.ones_like(ids)
     grpo_mel.patch_grpo(chunk_size=CHUNK)  # options for the replacement built above

@@ -18,30 +18,14 @@ import grpo_mel
 from grpo_mel.memory import format_bytes, peak_memory
 from grpo_mel.integrations import _trl_compat
 
-from .conftest import generate, generation_batch, loss_and_grads, make_model, make_trainer, trl
+from .conftest import MEM_H, MEM_V, loss_and_grads, make_model, make_trainer, memory_step_inputs, trl
 
 pytestmark = [pytest.mark.trl, pytest.mark.slow]
 
-V, H, B_PROMPTS, COMPLETION = 32000, 64, 2, 128
-
-
-def _step_inputs(trainer):
-    inputs = generate(trainer, generation_batch(trainer, B_PROMPTS))
-    B = inputs["completion_ids"].size(0)
-    g = torch.Generator().manual_seed(0)
-    inputs["completion_ids"] = torch.randint(5, 1000, (B, COMPLETION), generator=g)
-    inputs["completion_mask"] = torch.ones(B, COMPLETION, dtype=inputs["completion_mask"].dtype)
-    for k in ("old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps", "importance_sampling_ratio"):
-        if isinstance(inputs.get(k), torch.Tensor) and inputs[k].dim() == 2:
-            inputs[k] = None
-    if "num_items_in_batch" in inputs:
-        inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
-    return inputs
-
 
 def test_peak_memory_of_a_grpo_step_at_32k_vocab(tmp_path):
-    trainer = make_trainer(tmp_path, model=make_model(vocab_size=V, hidden=H), max_completion_length=8)
-    inputs = _step_inputs(trainer)
+    trainer = make_trainer(tmp_path, model=make_model(vocab_size=MEM_V, hidden=MEM_H), max_completion_length=8)
+    inputs = memory_step_inputs(trainer)
     flavour = _trl_compat.detect()
 
     loss_and_grads(trainer, inputs)  # warm-up (lazy inits out of the measurement)
@@ -50,7 +34,7 @@ def test_peak_memory_of_a_grpo_step_at_32k_vocab(tmp_path):
         loss_and_grads(trainer, inputs)
         (new_loss, new_grads), ours_peak = peak_memory(lambda: loss_and_grads(trainer, inputs), device="cpu")
     ratio = ours_peak / trl_peak
-    logits_bytes = inputs["completion_ids"].numel() * V * 4
+    logits_bytes = inputs["completion_ids"].numel() * MEM_V * 4
     line = dict(trl=trl.__version__, fused_head=flavour.fused_head, trl_peak=trl_peak, ours_peak=ours_peak,
                 ratio=round(ratio, 4), fp32_logits_bytes=logits_bytes)
     print(f"\nTRL {trl.__version__}: unpatched {format_bytes(trl_peak)}, patched {format_bytes(ours_peak)} "

@@ -20,8 +20,7 @@ import grpo_mel
 from grpo_mel import testing as gt
 from grpo_mel.integrations import _trl_compat
 
-from .conftest import CHUNK, assert_grads_close, loss_and_grads, make_trainer, tokenizer
-from .test_trl_parity import check_parity
+from .conftest import CHUNK, assert_grads_close, check_parity, loss_and_grads, make_trainer, tokenizer
 
 pytestmark = pytest.mark.trl
 

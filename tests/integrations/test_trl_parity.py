@@ -12,18 +12,9 @@ import pytest
 import torch
 
 import grpo_mel
-from grpo_mel.integrations import _trl_compat, trl_grpo
+from grpo_mel.integrations import _logps, _trl_compat
 
-from .conftest import (
-    CHUNK,
-    assert_grads_close,
-    count_calls,
-    generate,
-    generation_batch,
-    loss_and_grads,
-    make_model,
-    make_trainer,
-)
+from .conftest import CHUNK, build_trainer, check_parity, make_model, make_trainer
 
 pytestmark = pytest.mark.trl
 
@@ -44,55 +35,14 @@ CASES = {
 }
 
 
-def _build(tmp_path, case):
-    cfg = dict(CASES[case]) if isinstance(case, str) else dict(case)
-    kind, tied, lora = cfg.pop("kind", "llama"), cfg.pop("tied", False), cfg.pop("lora", False)
-    head_scale = cfg.pop("head_scale", None)
-    model = make_model(kind, tied=tied)
-    if head_scale is not None:
-        with torch.no_grad():
-            model.get_output_embeddings().weight.mul_(head_scale)
-    peft_config = None
-    if lora:
-        peft = pytest.importorskip("peft")
-        peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-    return make_trainer(tmp_path, model=model, peft_config=peft_config, **cfg)
-
-
 def _method(trainer):
     f = _trl_compat.detect()
     return f, getattr(trainer, f.method_name)
 
 
-def check_parity(trainer, n_prompts=2, grad_tol=None, patched=None):
-    """Unpatched vs patched (``patched``: the patch's context manager, default grpo_mel.grpo_patched) on the same
-    trainer: same generations, old/ref log-probs, loss and every gradient."""
-    batch = generation_batch(trainer, n_prompts)
-    ref_inputs = generate(trainer, batch)
-    ref_loss, ref_grads = loss_and_grads(trainer, ref_inputs)
-    with (patched or grpo_mel.grpo_patched)(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
-        new_inputs = generate(trainer, batch)
-        n_gen = spy["n"]
-        new_loss, new_grads = loss_and_grads(trainer, new_inputs)
-        assert spy["n"] > n_gen, "the patched path did not run for the policy"
-    # generation is untouched and seeded: identical completions
-    assert torch.equal(ref_inputs["completion_ids"], new_inputs["completion_ids"])
-    adv = ref_inputs["advantages"]
-    assert adv.abs().max() > 0, "rewards did not vary: the loss would not test anything"
-    torch.testing.assert_close(new_inputs["advantages"], adv)
-    for k in ("old_per_token_logps", "ref_per_token_logps"):
-        a, b = ref_inputs.get(k), new_inputs.get(k)
-        assert (a is None) == (b is None), k
-        if a is not None:
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}")
-    torch.testing.assert_close(new_loss, ref_loss, rtol=1e-5, atol=1e-6)
-    assert_grads_close(ref_grads, new_grads, **(grad_tol or {}))
-    return ref_inputs
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_grpo_gradient_parity(tmp_path, case):
-    trainer = _build(tmp_path, case)
+    trainer = build_trainer(tmp_path, CASES[case])
     inputs = check_parity(trainer, n_prompts=3 if CASES[case].get("ragged_prompts") else 2)
     if CASES[case].get("ragged_prompts"):  # the case is only worth its name if the prompts were padded
         lengths = inputs["prompt_mask"].sum(1)
@@ -147,9 +97,9 @@ def test_qlora_4bit_parity(tmp_path):
 
 def test_parity_fails_when_the_patch_is_wrong(tmp_path, monkeypatch):
     """Sanity: the parity check catches a wrong temperature (so it is not vacuous)."""
-    trainer = _build(tmp_path, dict(temperature=0.7, beta=0.04))
+    trainer = build_trainer(tmp_path, dict(temperature=0.7, beta=0.04))
     monkeypatch.setattr(trainer, "temperature", 0.7)
-    real = trl_grpo._score
+    real = _logps._score
 
     def wrong_temperature(tr, flavour, call, *a):
         tr.temperature = 0.71
@@ -158,6 +108,6 @@ def test_parity_fails_when_the_patch_is_wrong(tmp_path, monkeypatch):
         finally:
             tr.temperature = 0.7
 
-    monkeypatch.setattr(trl_grpo, "_score", wrong_temperature)
+    monkeypatch.setattr(_logps, "_score", wrong_temperature)
     with pytest.raises(AssertionError):
         check_parity(trainer)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import grpo_mel
-from grpo_mel.integrations import _trl_compat, trl_grpo
+from grpo_mel.integrations import Options, _logps, _registry, _trl_compat, is_patched, reset_warnings
 
 from .conftest import CHUNK, assert_grads_close, count_calls, generate, generation_batch, loss_and_grads, make_trainer, trl
 
@@ -37,9 +37,12 @@ def test_flavour_matches_installed_trl():
     else:
         assert (f.method_name, f.returns) == ("_get_per_token_logps_and_entropies", "triple")
     assert f.fused_head == (v >= Version("1.15"))
-    assert f.uses_temperature  # every release in the supported range (>= 0.16) divides by the temperature
+    # every release in the supported range (>= 0.16) divides by the temperature (1.15+: inside TRL's fused head)
+    sources = [inspect.getsource(getattr(trl.GRPOTrainer, n))
+               for n in (f.method_name, "_full_logits_logps") if hasattr(trl.GRPOTrainer, n)]
+    assert f.fused_head or any("self.temperature" in src for src in sources)
     assert f.masks_padding == (v >= Version("1.14"))
-    assert f.has_batch_size == (v >= Version("0.17"))
+    assert ("batch_size" in f.signatures[0].parameters) == (v >= Version("0.17"))
 
 
 def test_unpatch_restores_exact_function_object():
@@ -49,7 +52,7 @@ def test_unpatch_restores_exact_function_object():
     original = vars(GRPOTrainer)[name]
     grpo_mel.patch_grpo(chunk_size=CHUNK)
     patched = vars(GRPOTrainer)[name]
-    assert patched is not original and getattr(patched, "_grpo_mel", None) is not None
+    assert patched is not original and patched is _registry.installed("grpo").replacement
     assert inspect.signature(patched) == inspect.signature(original)  # same signature for every call site
     grpo_mel.unpatch_grpo()
     assert vars(GRPOTrainer)[name] is original
@@ -67,8 +70,9 @@ def test_patch_is_idempotent():
     grpo_mel.patch_grpo(chunk_size=CHUNK)
     assert vars(GRPOTrainer)[name] is first
     grpo_mel.patch_grpo(chunk_size=16)  # options update: a new replacement, still over the original
-    assert vars(GRPOTrainer)[name]._grpo_mel.original is original
-    assert trl_grpo.record("grpo").options.chunk_size == 16
+    assert _registry.installed("grpo").original is original
+    assert vars(GRPOTrainer)[name] is _registry.installed("grpo").replacement
+    assert _registry.installed("grpo").options.chunk_size == 16
     grpo_mel.unpatch_grpo()
     assert vars(GRPOTrainer)[name] is original
 
@@ -79,19 +83,19 @@ def test_context_manager():
     name = _method_name()
     original = vars(GRPOTrainer)[name]
     with grpo_mel.grpo_patched(chunk_size=CHUNK):
-        assert grpo_mel.integrations.trl_grpo.is_patched()
+        assert grpo_mel.is_patched()
         assert vars(GRPOTrainer)[name] is not original
     assert vars(GRPOTrainer)[name] is original
     grpo_mel.patch_grpo(chunk_size=3)
     with grpo_mel.grpo_patched(chunk_size=CHUNK):
-        assert trl_grpo.record("grpo").options.chunk_size == CHUNK
-    assert trl_grpo.is_patched() and trl_grpo.record("grpo").options.chunk_size == 3
+        assert _registry.installed("grpo").options.chunk_size == CHUNK
+    assert is_patched() and _registry.installed("grpo").options.chunk_size == 3
 
 
 def test_bad_options():
     with pytest.raises((ValueError, TypeError)):
         grpo_mel.patch_grpo(chunk_size=0)
-    assert not trl_grpo.is_patched()
+    assert not is_patched()
 
 
 @pytest.mark.parametrize("old", ["0.14.0", "0.15.2"])
@@ -99,7 +103,7 @@ def test_unsupported_old_version(monkeypatch, old):
     monkeypatch.setattr(trl, "__version__", old)
     with pytest.raises(_trl_compat.UnsupportedTRLVersion, match=old.replace(".", r"\.")):
         grpo_mel.patch_grpo()
-    assert not trl_grpo.is_patched()
+    assert not is_patched()
 
 
 def test_unsupported_trainer_without_methods():
@@ -108,7 +112,7 @@ def test_unsupported_trainer_without_methods():
 
     with pytest.raises(_trl_compat.UnsupportedTRLVersion, match=trl.__version__.replace(".", r"\.")):
         grpo_mel.patch_grpo(trainer_cls=NotGRPO)
-    assert not trl_grpo.is_patched()
+    assert not is_patched()
 
 
 def test_multimodal_inputs_fall_back_with_one_warning(tmp_path):
@@ -125,18 +129,18 @@ def test_multimodal_inputs_fall_back_with_one_warning(tmp_path):
     original = vars(GRPOTrainer)[name]
 
     grpo_mel.patch_grpo(chunk_size=CHUNK)
-    trl_grpo._WARNED.clear()
+    reset_warnings()
     patched = vars(GRPOTrainer)[name]
 
     def fake_original(self, *a, **k):
         calls["n"] += 1
         return "trl"
 
-    trl_grpo.unpatch_grpo()
+    grpo_mel.unpatch_grpo()
     GRPOTrainer_attr = vars(GRPOTrainer)[name]
     assert GRPOTrainer_attr is original
     # rebuild the replacement around a stand-in "original" to observe the fallback without a real VLM
-    repl = trl_grpo._make_replacement(fake_original, _trl_compat.detect())
+    repl = _logps.make_replacement(fake_original, _trl_compat.detect(), Options())
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         assert repl(tr, tr.model, ids, am, 4, pixel_values=torch.zeros(2, 3, 4, 4)) == "trl"
@@ -158,8 +162,8 @@ def test_lm_head_lora_falls_back(tmp_path):
         pytest.skip(f"TRL {trl.__version__} refuses a lm_head adapter: {e}")
     batch = generation_batch(tr, 1)
     a = generate(tr, batch)
-    trl_grpo._WARNED.clear()
-    with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
+    reset_warnings()
+    with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(_logps, "chunked_linear") as spy:
         with pytest.warns(UserWarning, match="lm_head"):
             lb, gb = loss_and_grads(tr, a)
     assert spy["n"] == 0
@@ -178,8 +182,8 @@ def test_prompt_learning_peft_falls_back(tmp_path):
         loss_and_grads(tr, inputs)
     except Exception as e:  # TRL's own path may not support prompt tuning on this version
         pytest.skip(f"TRL {trl.__version__} does not run prompt tuning here: {type(e).__name__}: {e}")
-    trl_grpo._WARNED.clear()
-    with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
+    reset_warnings()
+    with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(_logps, "chunked_linear") as spy:
         with pytest.warns(UserWarning, match="prompt-learning"):
             loss_and_grads(tr, inputs)
     assert spy["n"] == 0
@@ -205,8 +209,8 @@ def test_unrecognised_model_falls_back_with_a_named_reason(tmp_path, broken):
     else:
         model.lm_head = torch.nn.Identity()
         expect = "has no plain LM head weight"
-    repl = trl_grpo._make_replacement(fake_original, _trl_compat.detect())
-    trl_grpo._WARNED.clear()
+    repl = _logps.make_replacement(fake_original, _trl_compat.detect(), Options())
+    reset_warnings()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         assert repl(tr, model, ids, am, 4) == "trl"
@@ -228,8 +232,8 @@ def test_foreign_forward_hook_on_lm_head_falls_back(tmp_path):
     handle = tr.model.get_output_embeddings().register_forward_hook(scale_logits)
     try:
         la, ga = loss_and_grads(tr, inputs)
-        trl_grpo._WARNED.clear()
-        with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
+        reset_warnings()
+        with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(_logps, "chunked_linear") as spy:
             with pytest.warns(UserWarning, match="scale_logits"):
                 lb, gb = loss_and_grads(tr, inputs)
         assert spy["n"] == 0
@@ -249,14 +253,14 @@ def test_fused_head_default_follows_trls_triton_path(tmp_path, monkeypatch, capl
 
     if not _trl_compat.detect().fused_head:
         pytest.skip(f"TRL {trl.__version__} has no fused LM head")
-    monkeypatch.setattr(trl_grpo, "_trl_runs_triton", lambda device: triton_device)
+    monkeypatch.setattr(_logps, "_trl_runs_triton", lambda device: triton_device)
     tr = make_trainer(tmp_path)
     inputs = generate(tr, generation_batch(tr, 1))
     la, ga = loss_and_grads(tr, inputs)
-    trl_grpo._WARNED.clear()
+    reset_warnings()
     with caplog.at_level(logging.INFO, logger="grpo_mel"):
         with grpo_mel.grpo_patched(chunk_size=CHUNK, override_fused_head=override):
-            with count_calls(trl_grpo, "chunked_linear") as spy:
+            with count_calls(_logps, "chunked_linear") as spy:
                 lb, gb = loss_and_grads(tr, inputs)
                 loss_and_grads(tr, inputs)
     ours = override if override is not None else not triton_device

@@ -12,25 +12,17 @@ import torch
 from packaging.version import Version
 
 import grpo_mel
-from grpo_mel.integrations import _trl_compat, trl_grpo
+from grpo_mel.integrations import _logps, _registry, _trl_compat, reset_warnings
 from grpo_mel.integrations.trl_rloo import UnsupportedTRLVersion
 from grpo_mel.memory import peak_memory
 
-from .conftest import CHUNK, TRL_VERSION, count_calls, loss_and_grads, make_model, make_trainer
-from .test_trl_memory import V, H, _step_inputs
-from .test_trl_parity import _build, check_parity
+from .conftest import CHUNK, MEM_H, MEM_V, TRL_VERSION, build_trainer, check_parity, count_calls, loss_and_grads
+from .conftest import make_model, make_trainer, memory_step_inputs
 
 pytestmark = pytest.mark.trl
 
 PATCHABLE = TRL_VERSION >= Version(_trl_compat.MIN_TRL_RLOO)
 needs_rloo = pytest.mark.skipif(not PATCHABLE, reason=f"TRL {TRL_VERSION}'s RLOOTrainer cannot be patched")
-
-
-@pytest.fixture(autouse=True)
-def _unpatched():
-    grpo_mel.unpatch_trl()
-    yield
-    grpo_mel.unpatch_trl()
 
 
 CASES = {
@@ -43,15 +35,15 @@ CASES = {
 @needs_rloo
 @pytest.mark.parametrize("case", list(CASES))
 def test_rloo_gradient_parity(tmp_path, case):
-    trainer = _build(tmp_path, dict(CASES[case], trainer="rloo"))
+    trainer = build_trainer(tmp_path, dict(CASES[case], trainer="rloo"))
     check_parity(trainer, patched=grpo_mel.rloo_patched)
 
 
 @needs_rloo
 def test_rloo_parity_fails_when_the_patch_is_wrong(tmp_path, monkeypatch):
     """Sanity: the same check catches a wrong temperature (so it is not vacuous for RLOO either)."""
-    trainer = _build(tmp_path, dict(trainer="rloo", beta=0.04, temperature=0.7))
-    real = trl_grpo._score
+    trainer = build_trainer(tmp_path, dict(trainer="rloo", beta=0.04, temperature=0.7))
+    real = _logps._score
 
     def wrong_temperature(tr, *a):
         tr.temperature = 0.71
@@ -60,7 +52,7 @@ def test_rloo_parity_fails_when_the_patch_is_wrong(tmp_path, monkeypatch):
         finally:
             tr.temperature = 0.7
 
-    monkeypatch.setattr(trl_grpo, "_score", wrong_temperature)
+    monkeypatch.setattr(_logps, "_score", wrong_temperature)
     with pytest.raises(AssertionError):
         check_parity(trainer, patched=grpo_mel.rloo_patched)
 
@@ -68,18 +60,18 @@ def test_rloo_parity_fails_when_the_patch_is_wrong(tmp_path, monkeypatch):
 @needs_rloo
 @pytest.mark.slow
 def test_peak_memory_of_an_rloo_step_at_32k_vocab(tmp_path):
-    trainer = make_trainer(tmp_path, model=make_model(vocab_size=V, hidden=H), max_completion_length=8,
+    trainer = make_trainer(tmp_path, model=make_model(vocab_size=MEM_V, hidden=MEM_H), max_completion_length=8,
                            trainer="rloo")
-    inputs = _step_inputs(trainer)
+    inputs = memory_step_inputs(trainer)
     flavour = _trl_compat.detect(type(trainer), _trl_compat.RLOO)
     loss_and_grads(trainer, inputs)  # warm-up (lazy inits out of the measurement)
     (ref_loss, _), trl_peak = peak_memory(lambda: loss_and_grads(trainer, inputs), device="cpu")
-    with grpo_mel.rloo_patched(), count_calls(trl_grpo, "chunked_linear") as spy:
+    with grpo_mel.rloo_patched(), count_calls(_logps, "chunked_linear") as spy:
         loss_and_grads(trainer, inputs)
         (new_loss, _), ours_peak = peak_memory(lambda: loss_and_grads(trainer, inputs), device="cpu")
     assert spy["n"] > 0
     torch.testing.assert_close(new_loss, ref_loss, rtol=1e-5, atol=1e-6)
-    logits_bytes = inputs["completion_ids"].numel() * V * 4
+    logits_bytes = inputs["completion_ids"].numel() * MEM_V * 4
     print(f"\nRLOO, TRL {TRL_VERSION}: unpatched {trl_peak / 2**20:.1f} MiB, patched {ours_peak / 2**20:.1f} MiB "
           f"(ratio {ours_peak / trl_peak:.3f})")
     assert ours_peak < logits_bytes  # less than one fp32 [N, V] logits tensor above the model state
@@ -93,7 +85,7 @@ def test_peak_memory_of_an_rloo_step_at_32k_vocab(tmp_path):
 def test_rloo_falls_back_with_one_warning(tmp_path):
     """A forward hook on lm_head wants the logits: TRL's own method computes, with one warning naming why."""
     trainer = make_trainer(tmp_path, trainer="rloo")
-    trl_grpo._WARNED.clear()
+    reset_warnings()
     head = trainer.model.get_output_embeddings()
     handle = head.register_forward_hook(lambda m, i, o: None)
     ids = torch.randint(5, 1000, (2, 12))
@@ -102,7 +94,7 @@ def test_rloo_falls_back_with_one_warning(tmp_path):
         with torch.no_grad():
             want = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, 4)[0]
             grpo_mel.patch_rloo(chunk_size=CHUNK)
-            with pytest.warns(UserWarning, match="forward hook") as rec, count_calls(trl_grpo, "chunked_linear") as spy:
+            with pytest.warns(UserWarning, match="forward hook") as rec, count_calls(_logps, "chunked_linear") as spy:
                 got = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, 4)[0]
                 trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, 4)
     finally:
@@ -130,12 +122,13 @@ def test_patch_trl_patches_each_trainer_and_unpatch_trl_restores():
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         patched = grpo_mel.patch_trl(chunk_size=CHUNK)
-    assert trl_grpo.record("grpo").options.chunk_size == CHUNK
+    assert _registry.installed("grpo").options.chunk_size == CHUNK
     if PATCHABLE:
-        assert patched == ["GRPOTrainer", "RLOOTrainer"] and not rec
-        assert vars(trl.RLOOTrainer)[name]._grpo_mel.original is rloo_original
+        assert list(patched) == ["GRPOTrainer", "RLOOTrainer"] and not rec
+        assert _registry.installed("rloo").original is rloo_original
+        assert vars(trl.RLOOTrainer)[name] is _registry.installed("rloo").replacement
     else:
-        assert patched == ["GRPOTrainer"]
+        assert list(patched) == ["GRPOTrainer"] and "RLOOTrainer left as TRL's" in str(patched)
         assert [str(w.message) for w in rec if "RLOOTrainer left unpatched" in str(w.message)], rec
         assert vars(trl.RLOOTrainer).get(name) is rloo_original
     grpo_mel.unpatch_trl()

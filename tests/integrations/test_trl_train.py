@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import grpo_mel
-from grpo_mel.integrations import trl_grpo
+from grpo_mel.integrations import _logps
 
 from .conftest import CHUNK, count_calls, make_model, make_trainer
 
@@ -35,7 +35,7 @@ def _train(tmp_path, patched: bool, **cfg):
     trainer._generate_and_score_completions = recording
     transformers.set_seed(0)
     if patched:
-        with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(trl_grpo, "chunked_linear") as spy:
+        with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(_logps, "chunked_linear") as spy:
             trainer.train()
         assert spy["n"] > 0
     else:

@@ -40,7 +40,7 @@ import grpo_mel  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                 "examples"))  # the local reward task and its tokenizer (examples/arithmetic_task.py)
 import arithmetic_task as task  # noqa: E402
-from grpo_mel.integrations import trl_grpo  # noqa: E402
+from grpo_mel.integrations import _logps  # noqa: E402
 
 from .conftest import CHUNK, count_calls, dataset, grpo_config, make_model, tokenizer  # noqa: E402
 
@@ -130,7 +130,7 @@ def _train(tmp_path, patched: bool, skip_sync: bool = False):
 
     trainer._generate_and_score_completions = recording
     transformers.set_seed(0)
-    with count_calls(trl_grpo, "chunked_linear") as spy:
+    with count_calls(_logps, "chunked_linear") as spy:
         if patched:
             with grpo_mel.grpo_patched(chunk_size=CHUNK):
                 trainer.train()

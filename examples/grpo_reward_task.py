@@ -100,8 +100,7 @@ def _patch_ctx(args, patched: bool):
         raise SystemExit(f"grpo_mel's TRL GRPO patch is not available ({e}); run with --no-patch") from e
     summary = trl_grpo.patch_grpo(chunk_size=args.chunk_size, memory_budget=args.memory_budget,
                                   override_fused_head=OVERRIDE[args.override_fused_head])
-    if summary is not None:
-        print(f"patched run: {summary}", flush=True)
+    print(f"patched run: {summary}", flush=True)
     try:
         yield summary
     finally:

@@ -112,15 +112,6 @@ def fail(prog: str, msg: str, status: int = 2) -> NoReturn:
     raise SystemExit(status)
 
 
-def summary_line(summary, opts: dict) -> str:
-    """What :func:`~grpo_mel.patch_trl` says it patched, as one line. It returns the patched trainers' names (a list)
-    or a summary object whose ``str`` is one line; the options are named for the list."""
-    if isinstance(summary, (list, tuple)):
-        shown = ", ".join(f"{k}={opts.get(k, 'default')}" for k in ENV)
-        return f"patched {', '.join(summary)} ({shown})"
-    return str(summary)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = "grpo_mel.integrations.trl_run"
@@ -140,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     from . import patch_trl
 
     summary = patch_trl(**opts)
-    print(f"grpo_mel: {summary_line(summary, opts)} in process {os.getpid()}", file=sys.stderr, flush=True)
+    print(f"{summary} (process {os.getpid()})", file=sys.stderr, flush=True)  # one line: what was patched, which head
     sys.argv = [f"trl {command}", *rest]
     runpy.run_module(f"trl.scripts.{command}", run_name="__main__", alter_sys=True)
 

@@ -2,7 +2,7 @@
 cannot rot): each in a fresh process, in an empty directory, with nothing downloaded.
 
 The quick start runs on every TRL pin. The patched head's calls are counted by this test's own wrapper around the
-function the patch computes with (``trl_grpo.chunked_linear``), installed before the page's code runs; the library
+function the patch computes with (``_logps.chunked_linear``), installed before the page's code runs; the library
 keeps no counter.
 """
 
@@ -37,15 +37,15 @@ def block(heading: str, lang: str) -> str:
 
 COUNTED = textwrap.dedent("""\
     import runpy, sys
-    from grpo_mel.integrations import trl_grpo
+    from grpo_mel.integrations import _logps
 
-    real, calls = trl_grpo.chunked_linear, []
+    real, calls = _logps.chunked_linear, []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    trl_grpo.chunked_linear = counted
+    _logps.chunked_linear = counted
     runpy.run_path(sys.argv[1], run_name="__main__")
     print(f"grpo_mel head calls: {len(calls)}")
     """)

@@ -37,7 +37,7 @@ def _pair(tmp_path, **cfg):
 
 # TRL >= 0.18 has steps_per_generation (generation batches of steps_per_generation x per-device batch, split over that
 # many steps); 0.16 generates once per optimizer step and reuses it num_iterations times
-SCHEDULE = dict(gradient_accumulation_steps=2, num_iterations=2, beta=0.04, temperature=0.9, max_steps=5,
+SCHEDULE = dict(gradient_accumulation_steps=2, num_iterations=2, beta=0.04, temperature=0.9, max_steps=3,
                 **(dict(steps_per_generation=4) if _has("steps_per_generation") else {}))
 
 
@@ -48,8 +48,9 @@ def test_accumulation_iterations_and_steps_per_generation(tmp_path, checkpointin
         assert run.trainer.model.is_gradient_checkpointing == checkpointing
         assert run.trainer.args.gradient_accumulation_steps == 2 and run.trainer.args.num_iterations == 2
     if "steps_per_generation" in SCHEDULE:
-        # one generation round feeds 4 steps x 2 iterations = 8 micro-batches of 4 completions: 2 rounds in 5 steps
-        assert [c.shape[0] for c in got.completions] == [16, 16]
+        # one generation round of 16 completions feeds 4 micro-batches of 4, twice (2 iterations): 8 micro-steps, i.e.
+        # 4 optimizer steps of 2; the 3 steps here take 6 of them, the last 2 in the second iteration
+        assert [c.shape[0] for c in got.completions] == [16]
     tr.assert_same_run(got, ref, what=f"gradient_checkpointing={checkpointing}")
     tr.assert_trained(got, tr.params_of_model(make_model()))
 
@@ -69,9 +70,10 @@ def _compiled_graphs() -> int:
 
 
 def _compile_cfg():
-    # aot_eager: dynamo and AOTAutograd, no code generation (inductor's C++ compile of this model takes ~90 s on the
-    # CPU; checked by hand to give the same parity)
-    return dict(torch_compile=True, torch_compile_backend="aot_eager", max_steps=2)
+    # backend "eager": dynamo traces the model and runs the graphs it captured, without code generation. The patched
+    # method runs nothing compiled (the xfail below), so the backend only changes the unpatched reference; "aot_eager"
+    # and "inductor" (whose C++ compile of this model takes ~90 s on this CPU) were checked by hand: the same parity
+    return dict(torch_compile=True, torch_compile_backend="eager", max_steps=2)
 
 
 def test_torch_compile(tmp_path):

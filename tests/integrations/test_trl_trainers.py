@@ -15,7 +15,7 @@ from packaging.version import Version
 import grpo_mel
 
 from . import _train_runs as tr
-from .conftest import CHUNK, TRL_VERSION
+from .conftest import CHUNK, TRL_VERSION, trl
 
 pytestmark = [pytest.mark.trl, pytest.mark.slow]
 
@@ -42,6 +42,20 @@ def test_patching_applies_to_existing_trainers_from_their_next_call(tmp_path):
 
     assert late.head_calls > 0 and early.head_calls == 0
     tr.assert_same_run(late, early, what="patched after build vs built patched, trained unpatched")
+
+
+def test_two_grpo_trainers_one_patched_through_a_subclass(tmp_path):
+    """``patch_grpo(trainer_cls=Sub)`` patches ``Sub`` alone: a GRPOTrainer alive beside it keeps TRL's method."""
+
+    class OwnGRPO(trl.GRPOTrainer):
+        pass
+
+    grpo_mel.patch_grpo(chunk_size=CHUNK, trainer_cls=OwnGRPO)
+    own, plain = tr.build(tmp_path / "own", **CFG), tr.build(tmp_path / "plain", **CFG)
+    own.__class__ = OwnGRPO  # the same trainer, now of the patched subclass
+    mine, theirs = tr.train(own), tr.train(plain)
+    assert mine.head_calls > 0 and theirs.head_calls == 0
+    tr.assert_same_run(mine, theirs, what="subclass patched vs GRPOTrainer")
 
 
 @pytest.mark.skipif(TRL_VERSION < Version("1.14"),

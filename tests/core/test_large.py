@@ -20,7 +20,7 @@ tests/integrations/test_trl_large.py.
 
 Tolerance: 3x the error of full float32 logits on 256 sampled rows, i.e. as accurate as a naive fp32 head (sums over
 128,256 terms round; measured for grpo_mel over all rows: entropy 4.2e-6, dX 1.4e-5, dW 1.2e-5 of the largest
-magnitude), dW 5e-5. A misplaced row is an O(1) error. About 35 s on an idle 2-core CPU.
+magnitude), dW 5e-5. A misplaced row is an O(1) error. 23 s on this 2-core CPU at a load of 1 (34 + 12 s of CPU).
 
 Read for 32-bit sizes (grpo_mel/linear.py, _linear_grads.py, _grads_ahead.py, _chunk_graph.py, planning.py,
 functions.py, integrations/trl_grpo.py): row bounds and chunk sizes are Python ints, labels are widened with

@@ -17,7 +17,7 @@ import torch
 
 import grpo_mel
 
-from .conftest import make_model, make_trainer
+from .conftest import make_model, make_trainer, recorded_completions
 
 #: Adam after a few steps: a 1e-7 gradient difference on a near-zero entry can move a parameter ~1e-6 (see
 #: test_trl_train.py); patched vs unpatched parameters and losses are compared at these tolerances
@@ -68,19 +68,9 @@ def train(trainer, resume_from_checkpoint=None, seed: int = 0) -> Run:
     """``trainer.train()`` from ``transformers.set_seed(seed)``, recording every generation round's completions."""
     import transformers
 
-    seen = []
-    gen = trainer._generate_and_score_completions
-
-    def recording(*a, **k):
-        out = gen(*a, **k)
-        seen.append(out["completion_ids"].clone())
-        return out
-
-    trainer._generate_and_score_completions = recording
     transformers.set_seed(seed)
-    with count_head_calls() as spy:
+    with recorded_completions(trainer) as seen, count_head_calls() as spy:
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    del trainer._generate_and_score_completions
     return Run(seen, losses_by_step(trainer), params_of(trainer), spy["n"], trainer)
 
 

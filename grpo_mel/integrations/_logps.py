@@ -287,7 +287,8 @@ def _through_head(head, hidden, labels, fn, fp32_head: bool, options: Options, f
             w = weight if weight.dtype == dtype else weight.to(dtype)
             b = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
             return chunked_linear(h, w, fn, labels.to(weight.device), bias=b, chunk_size=options.chunk_size,
-                                  memory_budget=options.memory_budget, fp32_grad_input=fp32_grad_input)
+                                  memory_budget=options.memory_budget, fp32_grad_input=fp32_grad_input,
+                                  compile=options.compile)
 
     return _redirect(head, inner, forward, hidden)  # one argument, as lm_head(hidden): pre-hooks see what they expect
 

@@ -237,20 +237,28 @@ def _real_rows(trainer, flavour: TRLFlavour, comp_mask: torch.Tensor) -> torch.T
       ``masked_fill(row_mask == 0, 0.0)`` both (and ``_chunked_logps``, its Liger path, projects
       ``hidden_states[completion_mask]`` only); 1.15 - 1.16: the labels are -100 there and ``add_fused_lm_head``
       projects ``hidden_states[mask]`` only (``masked_fill(~mask, 0)`` on its torch fallback). Same for RLOO.
-    * 0.16 - 0.19: TRL returns the log-prob of the pad token there, but every reader multiplies it by
-      ``completion_mask`` first: ``compute_loss`` (0.17 - 0.19: ``_compute_loss``, every ``loss_type``) forms
-      ``coef_1 = exp(logps - old)`` and the k3 KL ``exp(ref - logps) - (ref - logps) - 1`` elementwise, then only
-      ``(per_token_loss * completion_mask)``, ``(per_token_kl * completion_mask)`` and the clip ratios
-      ``(is_clipped * completion_mask)`` are summed; ``_generate_and_score_completions`` only stores the old and
-      reference log-probs for it. The policy, old and reference log-probs all come from this method, so at a
-      padded position all three are 0: the ratio is 1 and the KL 0, finite, and times 0 they add 0 to the sums and
-      pass 0 gradient, as TRL's own values there do.
-    * Not skipped: 0.17 - 0.19 with ``use_liger_loss``. ``compute_liger_loss`` hands the old and reference log-probs
-      to Liger's GRPO loss, which pairs them with the policy's log-probs it computes itself (the real pad-token
-      values): its k3 KL ``exp(ref - logp)`` with ref 0 instead of the reference's own value can overflow to inf
-      before the mask multiplies it (inf * 0 = NaN), so there every position is computed, as TRL does.
+    * 0.16 - 1.13 (read: the 0.16.1 and 0.19.1 pins, and the 0.18.2, 0.24.0 and 1.13.0 releases; the others are
+      taken on their table row): TRL returns the log-prob of the pad token (and its entropy) there, but every
+      reader multiplies by the completion mask before anything is summed or logged: the loss (every ``loss_type``)
+      forms the ratio ``exp(logps - old)`` and the k3 KL ``exp(ref - logps) - (ref - logps) - 1`` elementwise,
+      then sums ``per_token_loss * completion_mask``; the KL, clip-ratio and entropy metrics are masked means; the
+      top-entropy quantile reads ``entropies[mask]``; vLLM's importance-sampling ratio and its metrics are masked
+      (0.24: the ratio is formed unmasked but enters the loss only times the mask); ``_generate_and_score_
+      completions`` only stores the old and reference log-probs for the loss. The policy, old and reference
+      log-probs all come from this method, so at a padded position all three are 0: the ratio is 1 and the KL 0,
+      finite, and times 0 they add 0 to every sum and pass 0 gradient, as TRL's own values there do.
+    * Not skipped: those releases with Liger's loss (``use_liger_loss``, 1.x: ``use_liger_kernel``).
+      ``compute_liger_loss`` hands the old and reference log-probs to Liger's GRPO loss, which pairs them with
+      policy log-probs it computes itself at every position (the pad token's): its k3 KL ``exp(ref - logp)``
+      with the reference at 0 instead of its own value could overflow to inf before the mask multiplies it
+      (inf * 0 = NaN), so there every position is computed, as TRL does.
+    * Not skipped either: a single completion position (K = 1) on those releases. 0.2x - 1.13 tell a sequence-level
+      tensor by ``x.shape[1] == 1`` in their metric means (``masked_batch_mean``, ``global_masked_mean``) and then
+      average it unmasked, so a [B, 1] entropy or KL whose one position is padding (a truncated row under
+      ``mask_truncated_completions``) would be logged with grpo_mel's 0 instead of TRL's value.
     """
-    if not flavour.masks_padding and getattr(trainer, "use_liger_loss", False):
+    if not flavour.masks_padding and (comp_mask.size(-1) == 1 or any(
+            getattr(trainer, a, False) for a in ("use_liger_loss", "use_liger_kernel"))):
         return None
     rows = comp_mask != 0
     return None if bool(rows.all()) else rows

@@ -218,23 +218,30 @@ def test_all_padding_micro_batch_backpropagates_a_zero(tmp_path):
     assert torch.all(grad == 0) and torch.all(want_grad == 0)
 
 
-def test_liger_loss_keeps_every_position():
-    """TRL 0.17 - 0.19 with use_liger_loss: Liger's loss pairs the reference log-probs with its own policy
-    log-probs at padded positions (an overflow there would be NaN after the mask), so nothing is skipped."""
-    flavour = dataclasses.replace(_trl_compat.detect(), masks_padding=False)
-    mask = torch.tensor([[1, 1, 0]])
+def test_where_padding_is_kept():
+    """On a TRL that returns the pad token's values (< 1.14), padding goes through the head with Liger's loss
+    (``use_liger_loss``, 1.x ``use_liger_kernel``: it pairs the reference log-probs with its own policy log-probs
+    there, where an overflow would be NaN after the mask) and for a single completion position (whose [B, 1]
+    tensors 0.2x - 1.13 average unmasked in their metrics); a TRL that zeroes padding itself (>= 1.14) skips it
+    always. No padding: no gather."""
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
 
     class Trainer:
-        use_liger_loss = True
+        pass
 
-    assert _logps._real_rows(Trainer(), flavour, mask) is None
-    Trainer.use_liger_loss = False
-    assert torch.equal(_logps._real_rows(Trainer(), flavour, mask), mask.bool())
-    assert _logps._real_rows(Trainer(), flavour, torch.ones(2, 3)) is None  # no padding: no gather
-    # on a TRL that zeroes padding itself (>= 1.14), its Liger path skips it too
-    masked = dataclasses.replace(flavour, masks_padding=True)
-    Trainer.use_liger_loss = True
-    assert torch.equal(_logps._real_rows(Trainer(), masked, mask), mask.bool())
+    for masks_padding in (False, True):
+        flavour = dataclasses.replace(_trl_compat.detect(), masks_padding=masks_padding)
+        rows = functools.partial(_logps._real_rows, flavour=flavour)
+        assert torch.equal(rows(Trainer(), comp_mask=mask), mask.bool())
+        assert rows(Trainer(), comp_mask=torch.ones(2, 3)) is None
+        for liger in ("use_liger_loss", "use_liger_kernel"):
+            trainer = Trainer()
+            setattr(trainer, liger, True)
+            got = rows(trainer, comp_mask=mask)
+            assert got is None if not masks_padding else torch.equal(got, mask.bool()), (liger, masks_padding)
+        one = torch.tensor([[1], [0]])
+        got = rows(Trainer(), comp_mask=one)
+        assert got is None if not masks_padding else torch.equal(got, one.bool())
 
 
 @pytest.mark.skipif(TRL_VERSION < _trl_compat._version(_trl_compat.MIN_TRL_RLOO),

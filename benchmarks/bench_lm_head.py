@@ -55,7 +55,7 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(_HERE, ".."), _HERE]  # this checkout's grpo_mel, and the modules beside this one
 
-from grpo_mel.planning import plan_chunk_size  # noqa: E402
+from grpo_mel.planning import Head, plan_chunk_size  # noqa: E402
 from lm_head_measure import check, clear, make_case, peak_of, time_once  # noqa: E402
 from lm_head_report import markdown, plot, read_csv, write_csv  # noqa: E402
 from lm_head_variants import TASKS, Variant, build_variants  # noqa: E402
@@ -87,7 +87,7 @@ def run_all(args, on_shape: Callable[[list[dict]], None] | None = None) -> list[
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
-    variants = build_variants(device, args.chunks)
+    variants = build_variants(device, args.chunks, compiled=args.compile)
     for var in variants:  # --skip: e.g. TRL's CPU fallback at a shape where it would not fit in memory
         if var.name in (args.skip or ()):
             var.unavailable = "skipped (--skip)"
@@ -102,8 +102,9 @@ def run_all(args, on_shape: Callable[[list[dict]], None] | None = None) -> list[
             if task not in var.tasks:
                 continue
             chunk = var.chunk
-            if var.chunk == "auto":
-                chunk = f"auto ({plan_chunk_size(n, v, dtype, device)})"
+            if var.chunk == "auto":  # the rows the planner gives this call (grpo_mel.chunked_linear's Head)
+                plan = Head(args.hidden, dtype, dtype, not args.frozen_weight, var.name.endswith("+compile"))
+                chunk = f"auto ({plan_chunk_size(n, v, dtype, device, head=plan)})"
             row = dict(device=str(device), dtype=args.dtype, torch=torch.__version__, task=task, N=n, H=args.hidden,
                        V=v, variant=var.name, chunk=chunk, head=head, note="")
             if var.unavailable:
@@ -187,6 +188,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
     p.add_argument("--frozen-weight", action="store_true",
                    help="W without gradient (a LoRA policy's LM head): every variant computes outputs and dX only")
+    p.add_argument("--compile", action="store_true",
+                   help="every grpo_mel variant also with f compiled per chunk (compile=True), named ...+compile")
     p.add_argument("--skip", nargs="+", metavar="VARIANT", help="variants not to run (e.g. trl_fused), reported as skipped")
     p.add_argument("--csv")
     p.add_argument("--append", action="store_true",

@@ -67,12 +67,13 @@ def _cce(task, X, W, labels):
     return (-linear_cross_entropy(X, W, labels, reduction="none", filter_eps=None),)
 
 
-def _grpo_mel(chunk_size):
+def _grpo_mel(chunk_size, compile_f=False):
     def fn(task, X, W, labels):
         if task == "ce":
-            return (grpo_mel.linear_cross_entropy(X, W, labels, ignore_index=IGNORE, chunk_size=chunk_size),)
+            return (grpo_mel.linear_cross_entropy(X, W, labels, ignore_index=IGNORE, chunk_size=chunk_size,
+                                                  compile=compile_f),)
         out = grpo_mel.linear_token_logprobs(X, W, labels, with_entropy=task == "logprobs_entropy",
-                                             chunk_size=chunk_size)
+                                             chunk_size=chunk_size, compile=compile_f)
         return out if isinstance(out, tuple) else (out,)
     return fn
 
@@ -93,7 +94,8 @@ def _probe(module: str, device: torch.device) -> str | None:
     return None
 
 
-def build_variants(device: torch.device, chunks) -> list[Variant]:
+def build_variants(device: torch.device, chunks, compiled: bool = False) -> list[Variant]:
+    """``compiled``: each grpo_mel variant also with f compiled per chunk (``compile=True``), named ``...+compile``."""
     vs = [Variant("naive", _naive), Variant("trl_fused", _trl_fused, chunk=f"vocab {TRL_VOCAB_CHUNK}")]
     try:
         from trl.kernels import ChunkedLogProbFunction  # noqa: F401
@@ -102,7 +104,9 @@ def build_variants(device: torch.device, chunks) -> list[Variant]:
     vs.append(Variant("liger", _liger, unavailable=_probe("liger_kernel.ops.fused_linear_cross_entropy", device),
                       tasks=("logprobs", "ce")))
     vs.append(Variant("cce", _cce, unavailable=_probe("cut_cross_entropy.cce", device), tasks=("logprobs", "ce")))
-    for c in chunks:
-        vs.append(Variant(f"grpo_mel@{c}", _grpo_mel(c), chunk=str(c)))
-    vs.append(Variant("grpo_mel@auto", _grpo_mel(None), chunk="auto"))
+    for c in [*chunks, None]:
+        name = f"grpo_mel@{c or 'auto'}"
+        vs.append(Variant(name, _grpo_mel(c), chunk=str(c or "auto")))
+        if compiled:
+            vs.append(Variant(name + "+compile", _grpo_mel(c, True), chunk=str(c or "auto")))
     return vs

@@ -17,9 +17,10 @@ accumulator, and each chunk has its kernel launches and Python. :func:`rows_for_
 device's :class:`DeviceModel` against a row's own cost (its GEMM FLOPs and its passes over ``[V]``) and asks
 for the rows that make the fixed cost at most :data:`FIXED_COST_SHARE` of a chunk's time. The planner takes
 the fewer of those rows and the rows the memory budget allows, where the default budget counts what the call
-holds anyway (:meth:`Head.floor_bytes`: W, and a trained head's float32 accumulator and gradient): a chunk term
-up to half of that does not change the order of the call's peak. docs/design.md, "Planning a chunk", has the
-model, its constants and how they were measured.
+holds anyway: at least :data:`WEIGHT_SHARE` of W's own size (the call cannot run without W; a trained head holds
+a float32 ``[V, H]`` accumulator besides), so a large head gets chunks large enough for its fixed cost while the
+peak keeps its order. docs/design.md, "Planning a chunk", has the model, its constants and how they were
+measured.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ def bytes_per_row(vocab_size: int, dtype: torch.dtype, compiled: bool = False) -
 
 #: The share of a chunk's time its fixed cost may take (docs/design.md, "Planning a chunk").
 FIXED_COST_SHARE = 0.04
+#: With the head known, the default budget is at least this share of W's own size: the call holds W anyway (and a
+#: trained head its float32 accumulator as well), so a chunk term of half of it leaves the peak's order as it was.
+WEIGHT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -142,11 +146,9 @@ class Head:
     trained: bool
     compiled: bool = False
 
-    def floor_bytes(self, vocab_size: int) -> int:
-        """The ``[V, H]`` tensors the call holds anyway: W (in its dtype) and, when W is trained, the float32 dW
-        accumulator and (when W is not float32) the gradient returned in W's dtype."""
-        vh, w = vocab_size * self.hidden, _itemsize(self.weight_dtype)
-        return vh * w + (vh * 4 + (vh * w if self.weight_dtype != torch.float32 else 0) if self.trained else 0)
+    def weight_bytes(self, vocab_size: int) -> int:
+        """W's own size, ``V·H·itemsize``: what every call of the head holds already."""
+        return vocab_size * self.hidden * _itemsize(self.weight_dtype)
 
 
 def rows_for_time(vocab_size: int, head: Head, device: torch.device | str) -> int:
@@ -186,8 +188,8 @@ def plan_chunk_size(
         device: where the logits live; sets the default budget.
         chunk_size: a fixed row count (>= 1); wins over ``memory_budget``. May exceed ``n_rows``.
         memory_budget: bytes the per-chunk working set may use; None picks
-            :func:`default_memory_budget`, or with ``head`` the larger of that and half of
-            :meth:`Head.floor_bytes`.
+            :func:`default_memory_budget`, or with ``head`` the larger of that and :data:`WEIGHT_SHARE` of W's
+            size.
         head: the head's shape and training state: the rows are then also at most :func:`rows_for_time`'s
             (none are spent beyond what makes the fixed cost a small share), and the memory model counts a
             compiled f's buffers. None: the memory budget alone (eager f).
@@ -203,7 +205,7 @@ def plan_chunk_size(
     if memory_budget is None:
         memory_budget = default_memory_budget(torch.device(device))
         if head is not None:
-            memory_budget = max(memory_budget, head.floor_bytes(vocab_size) // 2)
+            memory_budget = max(memory_budget, int(WEIGHT_SHARE * head.weight_bytes(vocab_size)))
     compiled = head is not None and head.compiled
     rows = int(memory_budget // max(bytes_per_row(vocab_size, dtype, compiled), 1))
     if head is not None:

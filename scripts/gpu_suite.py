@@ -6,20 +6,22 @@ its own process with a time cap, in this order (a failing step is recorded and t
 1. ``install``: the wheels in ``.whl/`` (never torch, triton or nvidia-*), ``pip install --no-index --no-deps
    --target``; without a ``.whl/`` the packages already importable are used.
 2. ``parity``: ``tests/core/test_parity.py`` on the device (``GRPO_MEL_TEST_DEVICE``): fp32, bf16, fp16, autocast.
-3. ``head-1``: ``benchmarks/bench_lm_head.py --preset gpu`` (Llama-3.2-1B head, H=2048, V=128256, bf16:
-   naive, TRL's fused head, grpo_mel, Liger-Kernel and cut-cross-entropy where they import).
-3b. ``head-1-frozen``: the same head with W frozen (a LoRA policy's head: no dW; in bf16 grpo_mel still
-   recomputes), log-probs at N=4096 and 16384, naive / TRL fused / grpo_mel; its rows go into head-1's CSV.
-4. ``grpo``: ``examples/grpo_reward_task.py --model llama-1b-random --compare --override-fused-head true``
-   (grpo_mel against unpatched TRL, whose Triton fused head runs on CUDA; peak VRAM per step).
+3. ``head-1``: ``benchmarks/bench_lm_head.py --preset gpu --tasks logprobs_entropy --tokens 16384 65536 --compile``
+   (Llama-3.2-1B head, H=2048, V=128256, bf16, log-probs with the logged entropy: naive, TRL's fused head,
+   Liger-Kernel and cut-cross-entropy where they import, grpo_mel at 4096 rows and at its planned chunk, each
+   eager and with f compiled).
+3b. ``head-1-frozen``: the same with W frozen (a LoRA policy's head: dX only; grpo_mel forms it in the forward);
+   its rows go into head-1's CSV.
+4. ``grpo``: ``examples/grpo_reward_task.py --model llama-1b-random --finetune lora --bf16 --num-generations 8
+   --max-completion-length 2048 --compare --override-fused-head true`` (grpo_mel against unpatched TRL, whose
+   Triton fused head runs on CUDA; peak VRAM and time per step).
 5. ``sft``: ``examples/sft_loss_match.py --model llama-1b-random`` (4-bit when bitsandbytes imports).
-6. ``head-2``: the head benchmark at H=4096, V=151936 (``--preset gpu-h4096``).
 
 Outputs (``--out``, else ``$OUT``, else ``outputs/gpu_suite`` or ``outputs/gpu_suite_smoke``; at most 8 files):
 ``report.md`` (rewritten after every step, so a run cut short still leaves one), one CSV per head shape, one log
 per step kind. Exit status 1 if any step failed or did not run.
 
-``--cpu-smoke`` runs the same steps at tiny sizes on the CPU (no wheel install, a parity subset, a 32/48-wide
+``--cpu-smoke`` runs the same steps at tiny sizes on the CPU (no wheel install, a parity subset, a 32-wide
 head, the tiny example models) in a minute or two; ``scripts/test.sh`` runs it so the suite cannot rot.
 
 Beside this file: the steps, their sizes, running and checks (``suite_steps.py``), the child processes

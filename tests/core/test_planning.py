@@ -154,12 +154,10 @@ def _head(h=2048, trained=True, compiled=False, dtype=torch.float32):
     return planning.Head(hidden=h, weight_dtype=dtype, gemm_dtype=dtype, trained=trained, compiled=compiled)
 
 
-def test_floor_bytes_counts_w_and_a_trained_heads_accumulator_and_gradient():
+def test_weight_bytes_is_ws_own_size():
     v, h = 1000, 64
-    assert _head(h, trained=False).floor_bytes(v) == v * h * 4
-    assert _head(h, trained=True).floor_bytes(v) == v * h * 4 + v * h * 4  # fp32 W: the accumulator is the gradient
-    assert _head(h, trained=True, dtype=torch.bfloat16).floor_bytes(v) == v * h * 2 + v * h * 4 + v * h * 2
-    assert _head(h, trained=False, dtype=torch.bfloat16).floor_bytes(v) == v * h * 2
+    assert _head(h, trained=False).weight_bytes(v) == v * h * 4
+    assert _head(h, trained=True, dtype=torch.bfloat16).weight_bytes(v) == v * h * 2
 
 
 def test_rows_for_time_from_the_device_model():
@@ -180,7 +178,7 @@ def test_head_plan_is_the_fewer_of_time_and_memory_rows():
     v = 128256
     for trained, compiled in [(True, False), (False, False), (True, True), (False, True)]:
         head = _head(2048, trained, compiled)
-        budget = max(planning.DEFAULT_CPU_BUDGET_BYTES, head.floor_bytes(v) // 2)
+        budget = max(planning.DEFAULT_CPU_BUDGET_BYTES, int(0.5 * v * 2048 * 4))  # half of W (fp32)
         mem_rows = budget // bytes_per_row(v, torch.float32, compiled)
         want = min(mem_rows, planning.rows_for_time(v, head, "cpu"))
         assert plan_chunk_size(10**6, v, torch.float32, "cpu", head=head) == want
@@ -194,7 +192,7 @@ def test_head_plan_is_the_fewer_of_time_and_memory_rows():
 
 def test_head_plan_keeps_the_reference_shape_and_grows_chunks_at_large_w():
     """At H=256, V=32000 (W is 31 MiB) the 96 MiB default still decides (196 eager rows, as without a head); at the
-    1B head (W is 1002 MiB) the floor lets a chunk hold more rows than the 49 the 96 MiB budget gave."""
+    1B head (W is 1002 MiB) half of W lets a chunk hold more rows than the 49 the 96 MiB budget gave."""
     assert plan_chunk_size(10_000, 32_000, torch.float32, "cpu", head=_head(256, True)) == 196
     assert plan_chunk_size(10_000, 32_000, torch.float32, "cpu", head=_head(256, False)) == 196
     for trained in (True, False):

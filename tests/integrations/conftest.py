@@ -199,6 +199,24 @@ def inputs_equal_keys(a: dict, b: dict, keys):
 
 
 @contextlib.contextmanager
+def recorded_completions(trainer):
+    """Yields a list that gets the ``completion_ids`` of every generation round the trainer runs in the block."""
+    seen = []
+    gen = trainer._generate_and_score_completions
+
+    def recording(*a, **k):
+        out = gen(*a, **k)
+        seen.append(out["completion_ids"].clone())
+        return out
+
+    trainer._generate_and_score_completions = recording
+    try:
+        yield seen
+    finally:
+        del trainer._generate_and_score_completions
+
+
+@contextlib.contextmanager
 def count_calls(obj, name):
     """Count calls of ``obj.name`` (a module attribute), passing through."""
     orig = getattr(obj, name)

@@ -15,7 +15,7 @@ import torch
 import grpo_mel
 from grpo_mel.integrations import _logps
 
-from .conftest import CHUNK, count_calls, make_model, make_trainer
+from .conftest import CHUNK, count_calls, make_model, make_trainer, recorded_completions
 
 pytestmark = [pytest.mark.trl, pytest.mark.slow]
 
@@ -24,22 +24,14 @@ def _train(tmp_path, patched: bool, **cfg):
     import transformers
 
     trainer = make_trainer(tmp_path, model=make_model(tied=cfg.pop("tied", False)), **cfg)
-    seen = []
-    gen = trainer._generate_and_score_completions
-
-    def recording(*a, **k):
-        out = gen(*a, **k)
-        seen.append(out["completion_ids"].clone())
-        return out
-
-    trainer._generate_and_score_completions = recording
     transformers.set_seed(0)
-    if patched:
-        with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(_logps, "chunked_linear") as spy:
+    with recorded_completions(trainer) as seen:
+        if patched:
+            with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(_logps, "chunked_linear") as spy:
+                trainer.train()
+            assert spy["n"] > 0
+        else:
             trainer.train()
-        assert spy["n"] > 0
-    else:
-        trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     return seen, losses, params

@@ -5,7 +5,9 @@
 
 1. runs the model's backbone (through any DDP/FSDP/DeepSpeed wrapper's forward, by forward redirection) to the
    last hidden states, without calling the LM head;
-2. keeps the hidden states that predict the completion tokens (``hidden[:, -K-1:-1]`` vs ``input_ids[:, -K:]``);
+2. keeps the hidden states that predict the completion tokens (``hidden[:, -K-1:-1]`` vs ``input_ids[:, -K:]``),
+   and of those only the real ones: padded positions (completion mask 0) never reach the head and come back 0,
+   which changes no loss, gradient or logged metric of the installed TRL (:func:`_real_rows` says why, per release);
 3. computes the log-probs (and entropies) of the completion tokens with :func:`grpo_mel.chunked_linear` and the
    LM head's weight (and bias), applying the model's logit scale / final softcapping and TRL's temperature. This
    runs inside a call of the ``lm_head`` module itself (its ``forward`` redirected), so the hooks an engine put on
@@ -200,8 +202,13 @@ def _score(trainer, flavour, call, target: Target, options: Options, input_ids, 
             out = backbone(**kw)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             hidden = hidden[:, :-1][:, -K:]  # position t predicts token t+1
+            rows = _real_rows(trainer, flavour, comp_mask.to(hidden.device))
+            if rows is not None:  # only the completion tokens reach the head: [n, H], [n]
+                hidden, labels = hidden[rows], labels.to(hidden.device)[rows]
             # under autocast, TRL >= 1.15's fused head forms dX in float32; earlier TRLs' lm_head rounds it to bf16
             res = _through_head(head, hidden, labels, fn, fp32_head, options, fp32_grad_input=flavour.fused_head)
+        if rows is not None:
+            res = tuple(_scatter(r, rows) for r in res) if entropy else _scatter(res, rows)
         lp, ent = res if entropy else (res, None)
         if entropy:
             if not entropy_grad:
@@ -216,6 +223,53 @@ def _score(trainer, flavour, call, target: Target, options: Options, input_ids, 
     ents = torch.cat(all_ent, 0) if entropy else None
     aux = torch.stack(all_aux).mean() if aux_wanted else None
     return logps, ents, aux
+
+
+def _real_rows(trainer, flavour: TRLFlavour, comp_mask: torch.Tensor) -> torch.Tensor | None:
+    """The completion positions that go through the head (a ``[b, K]`` bool mask), or None for all of them.
+
+    Padding (completion mask 0: after the first EOS, or a whole row under ``mask_truncated_completions``) never
+    reaches the head's GEMMs; its log-probs and entropies come back 0. Per TRL release, why that changes no loss,
+    gradient or logged metric (read in the pins' ``trl/trainer/grpo_trainer.py``, ``rloo_trainer.py``, ``utils.py``):
+
+    * 1.14 - 1.16 (``flavour.masks_padding``): TRL returns 0 there itself. 1.14: ``_full_logits_logps`` passes
+      ``row_mask=completion_mask`` to ``selective_log_softmax`` / ``selective_log_softmax_and_entropy``, which
+      ``masked_fill(row_mask == 0, 0.0)`` both (and ``_chunked_logps``, its Liger path, projects
+      ``hidden_states[completion_mask]`` only); 1.15 - 1.16: the labels are -100 there and ``add_fused_lm_head``
+      projects ``hidden_states[mask]`` only (``masked_fill(~mask, 0)`` on its torch fallback). Same for RLOO.
+    * 0.16 - 1.13 (read: the 0.16.1 and 0.19.1 pins, and the 0.18.2, 0.24.0 and 1.13.0 releases; the others are
+      taken on their table row): TRL returns the log-prob of the pad token (and its entropy) there, but every
+      reader multiplies by the completion mask before anything is summed or logged: the loss (every ``loss_type``)
+      forms the ratio ``exp(logps - old)`` and the k3 KL ``exp(ref - logps) - (ref - logps) - 1`` elementwise,
+      then sums ``per_token_loss * completion_mask``; the KL, clip-ratio and entropy metrics are masked means; the
+      top-entropy quantile reads ``entropies[mask]``; vLLM's importance-sampling ratio and its metrics are masked
+      (0.24: the ratio is formed unmasked but enters the loss only times the mask); ``_generate_and_score_
+      completions`` only stores the old and reference log-probs for the loss. The policy, old and reference
+      log-probs all come from this method, so at a padded position all three are 0: the ratio is 1 and the KL 0,
+      finite, and times 0 they add 0 to every sum and pass 0 gradient, as TRL's own values there do.
+    * Not skipped: those releases with Liger's loss (``use_liger_loss``, 1.x: ``use_liger_kernel``).
+      ``compute_liger_loss`` hands the old and reference log-probs to Liger's GRPO loss, which pairs them with
+      policy log-probs it computes itself at every position (the pad token's): its k3 KL ``exp(ref - logp)``
+      with the reference at 0 instead of its own value could overflow to inf before the mask multiplies it
+      (inf * 0 = NaN), so there every position is computed, as TRL does.
+    * Not skipped either: a single completion position (K = 1) on those releases. 0.2x - 1.13 tell a sequence-level
+      tensor by ``x.shape[1] == 1`` in their metric means (``masked_batch_mean``, ``global_masked_mean``) and then
+      average it unmasked, so a [B, 1] entropy or KL whose one position is padding (a truncated row under
+      ``mask_truncated_completions``) would be logged with grpo_mel's 0 instead of TRL's value.
+    """
+    if not flavour.masks_padding and (comp_mask.size(-1) == 1 or any(
+            getattr(trainer, a, False) for a in ("use_liger_loss", "use_liger_kernel"))):
+        return None
+    rows = comp_mask != 0
+    return None if bool(rows.all()) else rows
+
+
+def _scatter(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``values`` ([n], the real positions' outputs) back to ``rows``' shape [b, K], 0 at padding. Like TRL's fused
+    head, ``masked_scatter`` keeps the result on the graph when no position is real (an all-padding micro-batch
+    backpropagates a zero, and the head, called with 0 rows, still gets its zero gradient)."""
+    rows = rows.to(values.device)
+    return values.new_zeros(rows.shape).masked_scatter(rows, values)
 
 
 def _through_head(head, hidden, labels, fn, fp32_head: bool, options: Options, fp32_grad_input: bool):
@@ -241,7 +295,8 @@ def _through_head(head, hidden, labels, fn, fp32_head: bool, options: Options, f
             w = weight if weight.dtype == dtype else weight.to(dtype)
             b = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
             return chunked_linear(h, w, fn, labels.to(weight.device), bias=b, chunk_size=options.chunk_size,
-                                  memory_budget=options.memory_budget, fp32_grad_input=fp32_grad_input)
+                                  memory_budget=options.memory_budget, fp32_grad_input=fp32_grad_input,
+                                  compile=options.compile)
 
     return _redirect(head, inner, forward, hidden)  # one argument, as lm_head(hidden): pre-hooks see what they expect
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..planning import validate_chunk_size, validate_memory_budget
+from ..planning import validate_chunk_size, validate_compile, validate_memory_budget
 
 __all__ = ["Options"]
 
@@ -25,11 +25,17 @@ class Options:
             takes the default (:mod:`grpo_mel.planning`).
         override_fused_head: on TRL >= 1.15, which has its own fused LM head: True routes through grpo_mel, False
             keeps TRL's, None (default) decides per device (see :func:`grpo_mel.patch_grpo`). A bool or None only.
+        compile: True runs each chunk's f (log-probs and entropy; the SFT loss under :func:`patch_causal_lm`) and
+            its autograd backward through ``torch.compile`` (Inductor), False eagerly; None (default) takes the
+            measured default for the device (:func:`grpo_mel.planning.default_compile`). Only grpo_mel's own chunk
+            is compiled, never the model; a compile failure runs the chunk eagerly, with one warning. A bool or
+            None only.
     """
 
     chunk_size: int | None = None
     memory_budget: float | None = None
     override_fused_head: bool | None = None
+    compile: bool | None = None
 
     def __post_init__(self):
         validate_chunk_size(self.chunk_size)
@@ -38,6 +44,7 @@ class Options:
             # a string such as "false" is truthy: taking it would do the opposite of what was asked
             raise TypeError(f"override_fused_head must be True, False or None (decide per device), got "
                             f"{self.override_fused_head!r}")
+        validate_compile(self.compile)  # a bool or None; "true" would be truthy, as above
 
     @classmethod
     def of(cls, options: Options | None = None, **kwargs) -> Options:

@@ -86,13 +86,15 @@ def causal_lm_loss(
     logit_scale: float = 1.0,
     chunk_size: int | None = None,
     memory_budget: float | None = None,
+    compile: bool | None = None,
 ) -> torch.Tensor:
     """transformers' ``ForCausalLMLoss`` on ``hidden_states·weightᵀ + bias`` without the full logits.
 
     ``hidden_states`` ``[B, T, H]`` (or ``[T, H]``), ``labels`` ``[B, T]`` (shifted here) or
     ``shift_labels`` (already shifted). Returns a float32 scalar: ``Σ CE / num_items_in_batch`` when
     given, else the mean over non-ignored positions (NaN when there are none, like ``F.cross_entropy``).
-    Autocast / dtype handling as described in the module docstring.
+    Autocast / dtype handling as described in the module docstring; ``compile`` as
+    :func:`grpo_mel.chunked_linear`'s.
     """
     if shift_labels is None:
         if labels is None:
@@ -118,7 +120,7 @@ def causal_lm_loss(
     y = shift_labels[mask]
     total = linear_cross_entropy(X, weight, y, bias=bias, reduction="sum", ignore_index=ignore_index,
                                  chunk_size=chunk_size, memory_budget=memory_budget, softcap=softcap,
-                                 logit_scale=logit_scale)
+                                 logit_scale=logit_scale, compile=compile)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
@@ -167,7 +169,8 @@ def patch_causal_lm(model: nn.Module, options: Options | None = None, **kwargs) 
             use here (a call with TRL's ``fused_lm_head`` always runs the model's own forward) and must stay None.
         **kwargs: the options as keywords, on top of ``options``: ``chunk_size`` (rows per chunk of the LM head;
             None plans it from ``memory_budget``), ``memory_budget`` (bytes for one chunk's working set, see
-            :mod:`grpo_mel.planning`).
+            :mod:`grpo_mel.planning`), ``compile`` (the cross-entropy chunk through ``torch.compile``; see
+            :class:`~grpo_mel.integrations.Options`).
 
     Returns ``model`` (patched in place). Patching again updates the chunking settings.
     """
@@ -226,6 +229,7 @@ def patch_causal_lm(model: nn.Module, options: Options | None = None, **kwargs) 
             cap.hidden, lm_head.weight, labels, bias=lm_head.bias, num_items_in_batch=num_items_in_batch,
             ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap, logit_scale=logit_scale,
             chunk_size=state.options.chunk_size, memory_budget=state.options.memory_budget,
+            compile=state.options.compile,
         )
         aux = getattr(out, "aux_loss", None)
         if aux is not None and getattr(self, "router_aux_loss_coef", None) is not None:

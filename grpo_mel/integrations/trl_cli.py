@@ -12,7 +12,8 @@ that one function is swapped for the duration of the call: the same ``accelerate
 script arguments, but running :mod:`grpo_mel.integrations.trl_run` as a module, which applies
 :func:`grpo_mel.patch_trl` in each process and then runs TRL's script. Every other command (``env``,
 ``vllm-serve``) is TRL's, untouched. grpo_mel's options (``--grpo_mel_chunk_size ROWS``, ``--grpo_mel_memory_budget
-BYTES``, ``--grpo_mel_override_fused_head auto|true|false``: :func:`grpo_mel.patch_grpo`'s arguments, or their
+BYTES``, ``--grpo_mel_override_fused_head auto|true|false``, ``--grpo_mel_compile auto|true|false``:
+:func:`grpo_mel.patch_grpo`'s arguments, or their
 ``GRPO_MEL_*`` environment variables) are taken out of the command line and checked here, flags and variables
 alike, before anything is launched (a bad one: one line, exit status 2), and reach every launched process through
 the environment (:data:`grpo_mel.integrations.trl_run.ENV`).

@@ -21,11 +21,11 @@ from typing import NoReturn
 
 #: grpo_mel's command-line options -> the ``patch_trl`` argument each sets
 FLAGS = {"--grpo_mel_chunk_size": "chunk_size", "--grpo_mel_memory_budget": "memory_budget",
-         "--grpo_mel_override_fused_head": "override_fused_head"}
+         "--grpo_mel_override_fused_head": "override_fused_head", "--grpo_mel_compile": "compile"}
 #: the same options from the environment (a flag on the command line wins)
 ENV = {"chunk_size": "GRPO_MEL_CHUNK_SIZE", "memory_budget": "GRPO_MEL_MEMORY_BUDGET",
-       "override_fused_head": "GRPO_MEL_OVERRIDE_FUSED_HEAD"}
-_FUSED = {"auto": None, "true": True, "false": False}
+       "override_fused_head": "GRPO_MEL_OVERRIDE_FUSED_HEAD", "compile": "GRPO_MEL_COMPILE"}
+_TRI_STATE = {"auto": None, "true": True, "false": False}  # override_fused_head, compile
 #: what each option takes and means, for the help text
 _HELP = {"chunk_size": ("ROWS", "rows (completion tokens) per LM-head chunk, an integer >= 1 (default: planned from "
                                 "the memory budget)"),
@@ -33,7 +33,11 @@ _HELP = {"chunk_size": ("ROWS", "rows (completion tokens) per LM-head chunk, an 
                                     "free memory on CUDA)"),
          "override_fused_head": ("auto|true|false", "on TRL >= 1.15 (its own fused head): true = grpo_mel's head, "
                                                     "false = TRL's, auto (default) = TRL's where it runs its Triton "
-                                                    "kernel (CUDA), grpo_mel's elsewhere")}
+                                                    "kernel (CUDA), grpo_mel's elsewhere"),
+         "compile": ("auto|true|false", "true = each LM-head chunk's log-prob / entropy function and its backward "
+                                        "run through torch.compile (Inductor; only grpo_mel's chunk, never the "
+                                        "model; a compile failure runs it eagerly, with one warning), false = "
+                                        "eagerly, auto (default) = the measured default for the device")}
 
 
 class OptionError(ValueError):
@@ -88,10 +92,10 @@ def parse_options(raw: dict[str, str]) -> dict:
 def _parse(key: str, value: str):
     from ..planning import validate_chunk_size, validate_memory_budget
 
-    if key == "override_fused_head":
-        if value.strip().lower() not in _FUSED:
-            raise ValueError(f"must be one of {', '.join(_FUSED)}")
-        return _FUSED[value.strip().lower()]
+    if key in ("override_fused_head", "compile"):
+        if value.strip().lower() not in _TRI_STATE:
+            raise ValueError(f"must be one of {', '.join(_TRI_STATE)}")
+        return _TRI_STATE[value.strip().lower()]
     parsed = int(value) if key == "chunk_size" else float(value)
     (validate_chunk_size if key == "chunk_size" else validate_memory_budget)(parsed)
     return parsed
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0].startswith("-"):
         fail(prog, "a command comes first: python -m grpo_mel.integrations.trl_run <command: grpo, rloo, ...> "
                    "[TRL's arguments] [--grpo_mel_chunk_size ROWS] [--grpo_mel_memory_budget BYTES] "
-                   "[--grpo_mel_override_fused_head auto|true|false]")
+                   "[--grpo_mel_override_fused_head auto|true|false] [--grpo_mel_compile auto|true|false]")
     command = argv[0]
     try:
         opts, rest = options_from(argv[1:])

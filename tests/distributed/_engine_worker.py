@@ -1,7 +1,8 @@
 """One optimizer step of GRPOTrainer under one engine, for tests/distributed/test_engines.py.
 
 Run as ``accelerate launch --config_file <engine>.yaml _engine_worker.py WORK_DIR ENGINE CASES`` (2 processes).
-For each case of the JSON list CASES (``{"name", "tied", "head_unit", "frozen_head", "patched"}``) it builds a
+For each case of the JSON list CASES (``{"name", "tied", "head_unit", "frozen_head", "patched", "compile"}``;
+``compile``: the patch's option, grpo_mel's chunk through ``torch.compile``) it builds a
 GRPOTrainer on the saved tiny Llama (its LM head frozen for ``frozen_head``, as under LoRA), hands rank r the
 rows [4r, 4r+4) of the batch the parent generated (every engine sees the same numbers), and runs ``train()`` for
 one SGD step: the engine wraps the model and the optimizer, the trainer clips (logging the grad norm) and steps.
@@ -201,7 +202,7 @@ def main(work_dir: str, engine: str, cases: list[dict]) -> None:
     for case in cases:
         os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = HEAD_UNIT_WRAP if case["head_unit"] else DEFAULT_WRAP
         if case["patched"]:
-            grpo_mel.patch_grpo(chunk_size=CHUNK)
+            grpo_mel.patch_grpo(chunk_size=CHUNK, compile=case.get("compile"))
         else:
             grpo_mel.unpatch_grpo()
         out = {}
@@ -216,6 +217,10 @@ def main(work_dir: str, engine: str, cases: list[dict]) -> None:
             # looks trainable to autograd there, so the general path runs (dW formed, and dropped by FSDP1)
             frozen_path = case["patched"] and case["frozen_head"] and engine != "fsdp1"
             assert (took > 0) == frozen_path, f"frozen-head backward ran {took}x"
+            if case.get("compile"):  # the chunk's f compiled (no eager fall-back), in this process
+                import grpo_mel._compiled as compiled
+
+                assert compiled._COMPILED and not compiled._FAILED, (list(compiled._COMPILED), compiled._FAILED)
             out["grad_norm"] = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
             out["params"] = _full_parameters(trainer)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which checks it

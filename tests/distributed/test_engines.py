@@ -71,15 +71,17 @@ ENGINES = {
     "zero2": ("DEEPSPEED", _ZERO.format(stage=2)),
     "zero3": ("DEEPSPEED", _ZERO.format(stage=3)),
 }
-# variant -> (tied, LM head as its own FSDP unit, LM head frozen as under LoRA: grpo_mel's gradients-in-forward path)
-VARIANTS = {"untied": (False, False, False), "tied": (True, False, False), "untied-head": (False, True, False),
-            "tied-head": (True, True, False), "frozen": (False, False, True)}
+# variant -> (tied, LM head as its own FSDP unit, LM head frozen as under LoRA: grpo_mel's gradients-in-forward path,
+# grpo_mel's chunk compiled: patch_grpo(compile=True), patched only, compared with the untied variant's runs)
+VARIANTS = {"untied": (False, False, False, False), "tied": (True, False, False, False),
+            "untied-head": (False, True, False, False), "tied-head": (True, True, False, False),
+            "frozen": (False, False, True, False), "compiled": (False, False, False, True)}
 ENGINE_VARIANTS = {
-    "ddp": ("untied", "tied", "frozen"),
-    "fsdp2": ("untied", "tied", "untied-head", "tied-head", "frozen"),
-    "fsdp1": ("untied", "tied", "untied-head", "tied-head", "frozen"),
-    "zero2": ("untied", "tied", "frozen"),
-    "zero3": ("untied", "tied", "frozen"),
+    "ddp": ("untied", "tied", "frozen", "compiled"),
+    "fsdp2": ("untied", "tied", "untied-head", "tied-head", "frozen", "compiled"),
+    "fsdp1": ("untied", "tied", "untied-head", "tied-head", "frozen", "compiled"),
+    "zero2": ("untied", "tied", "frozen", "compiled"),
+    "zero3": ("untied", "tied", "frozen", "compiled"),
 }
 # A tied head cannot be an FSDP unit of its own: the engine itself refuses or breaks, with or without grpo_mel
 # (the embedding in another unit shares the weight). Both must fail with the same error.
@@ -154,7 +156,8 @@ def _launch(work, engine) -> dict | str:
         f.write(f"compute_environment: LOCAL_MACHINE\ndistributed_type: {distributed_type}\nnum_machines: 1\n"
                 f"machine_rank: 0\nnum_processes: 2\nmixed_precision: 'no'\nuse_cpu: false\n{extra}")
     cases = [dict(name=f"{v}-{'patched' if p else 'unpatched'}", tied=VARIANTS[v][0], head_unit=VARIANTS[v][1],
-                  frozen_head=VARIANTS[v][2], patched=p) for v in ENGINE_VARIANTS[engine] for p in (True, False)]
+                  frozen_head=VARIANTS[v][2], patched=p, compile=VARIANTS[v][3])
+             for v in ENGINE_VARIANTS[engine] for p in (True, False) if p or not VARIANTS[v][3]]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
            "--main_process_port", str(free_port()), os.path.join(HERE, "_engine_worker.py"), work, engine,
@@ -212,13 +215,19 @@ def _assert_same_step(run: dict, ref: dict, p0: dict, tied: bool, what: str) -> 
 
 def _ddp_variant(variant: str) -> str:
     """The DDP run a variant is compared with: the same model and frozen parameters (DDP has no head unit)."""
-    tied, _, frozen = VARIANTS[variant]
+    tied, _, frozen, _ = VARIANTS[variant]
     return "frozen" if frozen else ("tied" if tied else "untied")
+
+
+def _unpatched_variant(variant: str) -> str:
+    """The unpatched run of the same engine a patched variant is compared with (a compiled chunk: the untied one)."""
+    return "untied" if VARIANTS[variant][3] else variant
 
 
 PATCHED = [pytest.param(e, v, id=f"{e}-{v}") for e, vs in ENGINE_VARIANTS.items() for v in vs]
 UNPATCHED = [pytest.param(e, v, id=f"{e}-{v}", marks=[_TRL_HEAD_BUG] if (e, v) in _TRL_WRONG else [])
-             for e, vs in ENGINE_VARIANTS.items() for v in vs if e != "ddp" and (e, v) not in ENGINE_ERRORS]
+             for e, vs in ENGINE_VARIANTS.items() for v in vs
+             if e != "ddp" and (e, v) not in ENGINE_ERRORS and not VARIANTS[v][3]]
 
 
 @pytest.mark.slow
@@ -227,7 +236,7 @@ def test_patched_step_equals_ddp(work, engine, variant):
     """grpo_mel under the engine = TRL's own method under DDP (and = TRL's own under the same engine)."""
     tied = VARIANTS[variant][0]
     runs = _runs(work, engine)
-    patched, unpatched = runs[f"{variant}-patched"], runs[f"{variant}-unpatched"]
+    patched, unpatched = runs[f"{variant}-patched"], runs[f"{_unpatched_variant(variant)}-unpatched"]
     if (engine, variant) in ENGINE_ERRORS:
         expected = ENGINE_ERRORS[engine, variant]
         for run in (patched, unpatched):

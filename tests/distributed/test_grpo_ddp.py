@@ -67,13 +67,13 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, port, work_dir, kind):
+def _worker(rank, port, work_dir, kind, compile_chunk):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
     )
     torch.set_num_threads(1)
-    PATCHES[kind][0](chunk_size=CHUNK)
+    PATCHES[kind][0](chunk_size=CHUNK, compile=compile_chunk)
     calls = _count_chunked_head_calls()  # on the function both patches compute with
     trainer = _trainer(os.path.join(work_dir, f"out{rank}"), os.path.join(work_dir, "model"), kind)
     assert type(trainer).__name__ == f"{kind.upper()}Trainer"
@@ -86,7 +86,10 @@ def _worker(rank, port, work_dir, kind):
     model.train()
     loss = trainer.compute_loss(model, half)
     trainer.accelerator.backward(loss)
-    torch.save({"loss": loss.detach(), "grads": _grads(model.module), "calls": len(calls)},
+    import grpo_mel._compiled as compiled
+
+    torch.save({"loss": loss.detach(), "grads": _grads(model.module), "calls": len(calls),
+                "compiled": sorted(f.__name__ for f in compiled._COMPILED), "failed": dict(compiled._FAILED)},
                os.path.join(work_dir, f"rank{rank}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -94,9 +97,12 @@ def _worker(rank, port, work_dir, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["grpo", pytest.param("rloo", marks=pytest.mark.skipif(
-    Version(trl.__version__) < Version(_trl_compat.MIN_TRL_RLOO), reason="this TRL's RLOOTrainer is not patched"))])
-def test_patched_trainer_under_ddp_matches_single_process(kind):
+@pytest.mark.parametrize("kind,compile_chunk", [("grpo", None), ("grpo", True), pytest.param(
+    "rloo", None, marks=pytest.mark.skipif(Version(trl.__version__) < Version(_trl_compat.MIN_TRL_RLOO),
+                                           reason="this TRL's RLOOTrainer is not patched"))],
+    ids=["grpo", "grpo-compiled", "rloo"])
+def test_patched_trainer_under_ddp_matches_single_process(kind, compile_chunk):
+    """``compile_chunk``: the workers' patch compiles grpo_mel's chunk (the parent's reference stays eager)."""
     with tempfile.TemporaryDirectory() as d:
         tok = task.tiny_tokenizer(1024)
         gt.tiny_llama(vocab_size=1024, tokenizer=tok).save_pretrained(os.path.join(d, "model"))
@@ -124,10 +130,12 @@ def test_patched_trainer_under_ddp_matches_single_process(kind):
         for k in g_ref:  # patched single process = unpatched single process
             torch.testing.assert_close(g_ref[k], g_unpatched[k], rtol=1e-5, atol=1e-6)
 
-        spawn(_worker, (d, kind), WORLD)
+        spawn(_worker, (d, kind, compile_chunk), WORLD)
         for rank in range(WORLD):
             got = torch.load(os.path.join(d, f"rank{rank}.pt"))
             assert got["calls"] > 0, f"rank {rank}: the patched head never ran under DDP"
+            if compile_chunk:
+                assert got["compiled"] and not got["failed"], (rank, got["compiled"], got["failed"])
             assert got["grads"].keys() == g_ref.keys()
             for k in g_ref:
                 torch.testing.assert_close(

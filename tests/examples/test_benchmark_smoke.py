@@ -50,3 +50,20 @@ def test_bench_lm_head_frozen_weight_appends_its_own_rows(tmp_path):
     for r in by_head["trainable"].values():
         if r["variant"] != "naive":
             assert float(r["diff_dW"]) < 1e-4, r
+
+
+def test_bench_padding_tiny(tmp_path):
+    """benchmarks/bench_padding.py at a tiny shape: both variants run, the skip sends only the real rows to the head."""
+    import pytest
+
+    pytest.importorskip("trl")
+    md = tmp_path / "padding.md"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_padding.py"), "--padding", "0.5", "0",
+           "--tokens", "16", "--vocab", "1024", "--hidden", "64", "--runs", "1", "--md", str(md)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in md.read_text().splitlines() if line.startswith("| 0.")]
+    got = {(float(r[0]) > 0, r[1].strip()): int(r[2]) for r in rows}  # (padded?, variant) -> rows through the head
+    assert len(got) == 4 and got[True, "all rows"] == 128 and 0 < got[True, "skip"] < 128
+    assert got[False, "skip"] == got[False, "all rows"] == 128

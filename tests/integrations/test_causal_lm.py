@@ -341,3 +341,22 @@ def test_rejects_non_causal_lm():
         grpo_mel.patch_causal_lm(torch.nn.Linear(3, 3))
     with pytest.raises(ValueError):
         grpo_mel.patch_causal_lm(tiny_llama(vocab_size=V), chunk_size=0)
+
+
+@pytest.mark.parametrize("compile_chunk", [None, False, True])
+def test_compile_option_reaches_the_chunked_loss(monkeypatch, compile_chunk):
+    """``patch_causal_lm(compile=...)`` hands the option to the chunked cross-entropy (the call is spied on and run
+    eagerly here: compiling it is tested in tests/core/test_compiled.py)."""
+    seen, real = [], causal_lm.linear_cross_entropy
+
+    def spy(*a, compile=None, **k):
+        seen.append(compile)
+        return real(*a, compile=False, **k)
+
+    monkeypatch.setattr(causal_lm, "linear_cross_entropy", spy)
+    model = tiny_llama(vocab_size=V)
+    ref = model(**_batch()).loss
+    grpo_mel.patch_causal_lm(model, chunk_size=4, compile=compile_chunk)
+    torch.testing.assert_close(model(**_batch()).loss, ref, rtol=1e-6, atol=1e-6)
+    assert seen == [compile_chunk]
+    unpatch_causal_lm(model)

@@ -24,13 +24,15 @@ RLOO_PATCHABLE = TRL_VERSION >= Version(_trl_compat.MIN_TRL_RLOO)
 BAD = [
     (dict(override_fused_head="false"), TypeError, r"override_fused_head must be True, False or None .*got 'false'"),
     (dict(override_fused_head=1), TypeError, r"override_fused_head .*got 1"),
+    (dict(compile="true"), TypeError, r"compile must be True, False or None .*got 'true'"),
+    (dict(compile=1), TypeError, r"compile must be True, False or None .*got 1"),
     (dict(chunk_size=0), ValueError, r"chunk_size must be >= 1, got 0"),
     (dict(chunk_size="8"), TypeError, r"chunk_size must be an int .*got '8'"),
     (dict(chunk_size=True), TypeError, r"chunk_size .*got True"),
     (dict(memory_budget=float("nan")), ValueError, r"memory_budget must be a finite number of bytes > 0, got nan"),
     (dict(memory_budget="1e9"), TypeError, r"memory_budget must be a number of bytes or None, got '1e9'"),
     (dict(chunk=8), TypeError, r"unknown option chunk; the options are chunk_size, memory_budget, "
-                               r"override_fused_head"),
+                               r"override_fused_head, compile"),
 ]
 
 
@@ -67,6 +69,7 @@ def test_options_object_and_keywords_are_the_same_call():
         grpo_mel.patch_grpo(64)
     assert Options().describe() == "default options"
     assert Options(chunk_size=7, override_fused_head=False).describe() == "chunk_size=7, override_fused_head=False"
+    assert Options(compile=False).describe() == "compile=False"  # False is set, not the default (None)
 
 
 def test_options_are_frozen():
@@ -170,3 +173,11 @@ def test_reset_warnings_lets_a_once_only_warning_be_given_again(monkeypatch):
     assert warned() == 0  # said once
     reset_warnings()
     assert warned() == 1
+
+
+def test_summary_and_the_head_call_carry_compile():
+    """``compile`` is shown where it is set and reaches every chunked_linear call (here: the method on a batch)."""
+    summary = grpo_mel.patch_grpo(chunk_size=7, compile=False)
+    assert f"(TRL {trl.__version__}, chunk_size=7, compile=False): " in str(summary)
+    assert _registry.installed("grpo").options == Options(chunk_size=7, compile=False)
+    assert "compile" not in str(grpo_mel.patch_grpo(chunk_size=7))  # None, the device's default: not set

@@ -37,7 +37,7 @@ _real = _logps.chunked_linear
 
 def _counted(*args, **kwargs):  # this test's counter, installed in the worker when TRL imports this module
     with open(os.environ["GRPO_MEL_TEST_CALLS"], "a") as f:
-        f.write(f"{os.getpid()}:{kwargs.get('chunk_size')}\\n")
+        f.write(f"{os.getpid()}:{kwargs.get('chunk_size')}:{kwargs.get('compile')}\\n")
     return _real(*args, **kwargs)
 
 
@@ -105,12 +105,14 @@ def test_grpo_mel_grpo_is_trl_grpo_with_the_patched_head(run_dir):
     # a TRL flag on the command line overrides the recipe, as with `trl grpo`: one step
     # grpo_mel's own option, anywhere on the line, reaches the worker (TRL never sees it: it would reject it)
     cli = [sys.executable, "-c", "import sys; from grpo_mel.integrations.trl_cli import main; sys.exit(main())"]
-    argv = ["grpo", "--grpo_mel_chunk_size", "3", "--config", _recipe(run_dir, "grpo"), "--max_steps", "1"]
+    argv = ["grpo", "--grpo_mel_chunk_size", "3", "--config", _recipe(run_dir, "grpo"), "--max_steps", "1",
+            "--grpo_mel_compile", "false"]
     out, calls = _run(run_dir, cli + argv, "grpo")
     assert calls, "the patched head never ran in the training process"
-    assert str(os.getpid()) not in {pid for pid, _ in calls}  # it ran in the worker accelerate launched
-    assert {chunk for _, chunk in calls} == {"3"}, calls  # with the command line's chunk size
+    assert str(os.getpid()) not in {pid for pid, _, _ in calls}  # it ran in the worker accelerate launched
+    assert {(chunk, comp) for _, chunk, comp in calls} == {("3", "False")}, calls  # with the command line's options
     assert "grpo_mel: patched GRPOTrainer" in out.stderr and "chunk_size=3" in out.stderr
+    assert "compile=False" in out.stderr
     assert _logged_steps(out) == 1  # the recipe says 5: the command line's --max_steps won, as with `trl grpo`
     assert os.path.exists(run_dir / "out-grpo" / "model.safetensors")  # TRL's script ran to its end
 
@@ -122,7 +124,7 @@ def test_accelerate_launch_module_runs_trl_rloo_with_the_patched_head(run_dir):
             "--config", _recipe(run_dir, "rloo"), "--max_steps", "1"]
     out, calls = _run(run_dir, argv, "rloo")
     assert calls, "the patched head never ran in the training process"
-    assert {chunk for _, chunk in calls} == {"None"}  # no option given: the planner's default
+    assert {(chunk, comp) for _, chunk, comp in calls} == {("None", "None")}  # no option given: the defaults
     assert _logged_steps(out) == 1
     assert os.path.exists(run_dir / "out-rloo" / "model.safetensors")
 
@@ -138,11 +140,12 @@ def test_the_console_script_is_declared():
 def test_options_come_out_of_the_command_line_and_the_environment():
     from grpo_mel.integrations.trl_run import options_from
 
-    env = {"GRPO_MEL_CHUNK_SIZE": "3", "GRPO_MEL_MEMORY_BUDGET": "1e8"}
+    env = {"GRPO_MEL_CHUNK_SIZE": "3", "GRPO_MEL_MEMORY_BUDGET": "1e8", "GRPO_MEL_COMPILE": "true"}
     argv = ["--config", "r.yaml", "--grpo_mel_chunk_size", "64", "--max_steps", "1",
             "--grpo_mel_override_fused_head=False"]
     opts, rest = options_from(argv, env)
-    assert opts == {"chunk_size": 64, "memory_budget": 1e8, "override_fused_head": False}  # the flag wins
+    assert opts == {"chunk_size": 64, "memory_budget": 1e8, "override_fused_head": False, "compile": True}
+    assert options_from(["--grpo_mel_compile", "AUTO"], env)[0]["compile"] is None  # the flag wins
     assert rest == ["--config", "r.yaml", "--max_steps", "1"]  # what TRL's parser gets
     assert options_from(["--config", "r.yaml"], {}) == ({}, ["--config", "r.yaml"])
 
@@ -152,6 +155,8 @@ def test_options_come_out_of_the_command_line_and_the_environment():
     (["--grpo_mel_chunk_size", "1.5"], {}, r"bad value '1.5'"),
     ([], {"GRPO_MEL_MEMORY_BUDGET": "-1"}, r"--grpo_mel_memory_budget \(or GRPO_MEL_MEMORY_BUDGET\): bad value '-1'"),
     (["--grpo_mel_override_fused_head", "maybe"], {}, r"must be one of auto, true, false"),
+    ([], {"GRPO_MEL_COMPILE": "1"}, r"--grpo_mel_compile \(or GRPO_MEL_COMPILE\): bad value '1': must be one of auto, "
+                                    r"true, false"),
     (["--max_steps", "1", "--grpo_mel_chunk_size"], {}, r"--grpo_mel_chunk_size needs a value"),
 ])
 def test_bad_options_stop_with_the_option_named(argv, env, match):
@@ -184,8 +189,10 @@ def _one_line_status_2(capsys, call, *expected) -> str:
     (["grpo", "--config", "r.yaml"], {"GRPO_MEL_CHUNK_SIZE": "-5"},
      "--grpo_mel_chunk_size (or GRPO_MEL_CHUNK_SIZE): bad value '-5': chunk_size must be >= 1, got -5"),
     (["rloo", "--config", "r.yaml"], {"GRPO_MEL_OVERRIDE_FUSED_HEAD": "yes"}, "GRPO_MEL_OVERRIDE_FUSED_HEAD"),
+    (["grpo", "--config", "r.yaml"], {"GRPO_MEL_COMPILE": "on"}, "--grpo_mel_compile (or GRPO_MEL_COMPILE): bad "
+                                                                 "value 'on'"),
     (["grpo", "--config", "r.yaml", "--grpo_mel_memory_budget"], {}, "--grpo_mel_memory_budget needs a value"),
-], ids=["flag", "variable", "variable-fused", "no-value"])
+], ids=["flag", "variable", "variable-fused", "variable-compile", "no-value"])
 def test_grpo_mel_checks_flags_and_variables_before_launching(monkeypatch, capsys, argv, env, expected):
     from grpo_mel.integrations import trl_cli
 

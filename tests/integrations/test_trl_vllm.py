@@ -93,7 +93,7 @@ def _engine_logps(llm, ids):
     return torch.tensor([d[t].logprob for d, t in zip(out[0].prompt_logprobs[1:], ids[1:])])
 
 
-def _train(tmp_path, patched: bool, skip_sync: bool = False):
+def _train(tmp_path, patched: bool, skip_sync: bool = False, compile_chunk: bool | None = None):
     import transformers
     from trl import GRPOTrainer
 
@@ -132,7 +132,7 @@ def _train(tmp_path, patched: bool, skip_sync: bool = False):
     transformers.set_seed(0)
     with count_calls(_logps, "chunked_linear") as spy:
         if patched:
-            with grpo_mel.grpo_patched(chunk_size=CHUNK):
+            with grpo_mel.grpo_patched(chunk_size=CHUNK, compile=compile_chunk):
                 trainer.train()
         else:
             trainer.train()
@@ -154,9 +154,18 @@ def _assert_engine_synced(run):
 
 
 def test_vllm_colocate_train_matches_unpatched(tmp_path):
-    ref = _train(tmp_path / "ref", patched=False)
-    new = _train(tmp_path / "new", patched=True)
+    """Unpatched, then patched twice: grpo_mel's chunk eager, and compiled (``compile=True``; no eager fall-back)."""
+    import grpo_mel._compiled as compiled
 
+    ref = _train(tmp_path / "ref", patched=False)
+    failed = dict(compiled._FAILED)
+    for compile_chunk in (None, True):
+        new = _train(tmp_path / f"new-{compile_chunk}", patched=True, compile_chunk=compile_chunk)
+        _assert_same_run(ref, new)
+    assert compiled._COMPILED and compiled._FAILED == failed
+
+
+def _assert_same_run(ref, new):
     assert ref["chunked_calls"] == 0 and new["chunked_calls"] > 0, "the patched run did not go through grpo_mel"
     assert len(ref["rounds"]) == len(new["rounds"]) == 2  # one generation per step: a weight sync before the 2nd
     for i, (a, b) in enumerate(zip(ref["rounds"], new["rounds"])):

@@ -84,7 +84,7 @@ def reward_functions():
     return [arithmetic_reward, format_reward]
 
 
-OVERRIDE = {"auto": None, "true": True, "false": False}  # --override-fused-head -> patch_grpo(override_fused_head=)
+OVERRIDE = {"auto": None, "true": True, "false": False}  # --override-fused-head / --compile -> patch_grpo(...)
 
 
 @contextlib.contextmanager
@@ -99,7 +99,8 @@ def _patch_ctx(args, patched: bool):
     except ImportError as e:
         raise SystemExit(f"grpo_mel's TRL GRPO patch is not available ({e}); run with --no-patch") from e
     summary = trl_grpo.patch_grpo(chunk_size=args.chunk_size, memory_budget=args.memory_budget,
-                                  override_fused_head=OVERRIDE[args.override_fused_head])
+                                  override_fused_head=OVERRIDE[args.override_fused_head],
+                                  compile=OVERRIDE[args.compile])
     print(f"patched run: {summary}", flush=True)
     try:
         yield summary
@@ -199,6 +200,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=pos_int, default=None, help="rows per LM-head chunk (default: planned)")
     p.add_argument("--memory-budget", type=pos_float, default=None,
                    help="bytes per chunk when --chunk-size is unset")
+    p.add_argument("--compile", default="auto", choices=list(OVERRIDE),
+                   help="patched run: f compiled per chunk (true), eager (false), or the device's default (auto)")
     p.add_argument("--override-fused-head", default="auto", choices=list(OVERRIDE),
                    help="TRL >= 1.15 (its own fused LM head): true routes the patched run through grpo_mel, false "
                         "keeps TRL's head, auto (default) decides per device (TRL's where it runs its Triton kernel, "

@@ -69,7 +69,11 @@ class _CompiledCall:
         if c is None:
             c = _COMPILED[self.base] = torch.compile(self.base, backend=_inductor_with_backward, dynamic=False)
         try:
-            return c(*self.args, z, *row_args, **self.kwargs)
+            with warnings.catch_warnings():
+                # Dynamo reads the chunk's logits' .grad while tracing: not a user's mistake, so not a warning to them
+                # (and not an error under -W error, which would make the compile fail)
+                warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+                return c(*self.args, z, *row_args, **self.kwargs)
         except torch._dynamo.exc.TorchDynamoException as e:
             _FAILED[self.base] = _why(e)
             _warn_once(self.base, _FAILED[self.base])

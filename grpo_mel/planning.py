@@ -123,10 +123,11 @@ class DeviceModel:
     overhead: float  # seconds per chunk besides streaming
 
 
-#: Per device type. CPU: this project's 2-core x86_64 machine, float32; CUDA: an H200 in bf16 (the only GPU
-#: measured; docs/design.md, "Planning a chunk", has the fits and their spread).
+#: Per device type, fitted to chunk-size sweeps (docs/benchmarks.md, "A chunk's fixed cost"). CPU: this project's
+#: 2-core x86_64 machine in float32 (benchmarks/bench_chunk_cost.py at the 1B head and at H=256, V=32000). CUDA: the
+#: H200 chunk sweep in bf16 (~1 ms per extra chunk at the 1B head, a trained W), the only GPU measured.
 DEVICE_MODELS = {
-    "cpu": DeviceModel(gemm_flops=190e9, bandwidth=20e9, overhead=2e-3),
+    "cpu": DeviceModel(gemm_flops=225e9, bandwidth=25e9, overhead=2e-3),
     "cuda": DeviceModel(gemm_flops=700e12, bandwidth=4.0e12, overhead=2.5e-4),
 }
 

@@ -68,17 +68,26 @@ def make_replacement(original: Callable, flavour: TRLFlavour, options: Options) 
         if reason is not None:
             _warn_once(reason, reason)
             return original(self, *args, **kwargs)
-        if flavour.fused_head and not _ours_on(call["input_ids"].device, flavour, options):
+        if flavour.fused_head and not _ours_on(call["input_ids"].device, flavour, options, _trained(target)):
             return original(self, *args, **kwargs)
         return _compute(self, call, target, flavour, options)
 
     return _grpo_mel_per_token_logps
 
 
-def choose_head(flavour: TRLFlavour, options: Options, device: torch.device | str) -> HeadChoice:
+#: Where the GPU suite measured grpo_mel's head ahead of TRL's Triton fused head (less time at no higher peak), by
+#: (device type, "trained" | "frozen" head): the measurement, named in the log line. Empty: the one GPU run so far
+#: (an H200, TRL 1.16) measured a trained head only, and behind TRL's (docs/benchmarks.md, "GPU results"); the GPU
+#: suite's head-1 / head-1-frozen rows are what an entry here must come from.
+MEASURED_AHEAD: dict[tuple[str, str], str] = {}
+
+
+def choose_head(flavour: TRLFlavour, options: Options, device: torch.device | str,
+                trained: bool | None = None) -> HeadChoice:
     """The head a call on ``device`` uses (before any per-call fallback, such as a vision-language input): on TRL
-    >= 1.15, TRL's fused head where TRL runs its Triton kernel unless ``options.override_fused_head`` says
-    otherwise, grpo_mel's everywhere else."""
+    >= 1.15, where TRL runs its Triton kernel, TRL's fused head unless :data:`MEASURED_AHEAD` has grpo_mel's ahead
+    for this head (``trained``: W gets a gradient; None: not known yet, as at patch time) or
+    ``options.override_fused_head`` says otherwise; grpo_mel's everywhere else."""
     device = torch.device(device)
     if flavour.unsettled is not None:
         return HeadChoice(device.type, False, flavour.unsettled)
@@ -88,24 +97,38 @@ def choose_head(flavour: TRLFlavour, options: Options, device: torch.device | st
         return HeadChoice(device.type, options.override_fused_head,
                           f"override_fused_head={options.override_fused_head}")
     if _trl_runs_triton(device):
-        return HeadChoice(device.type, False, "TRL's fused head runs its Triton kernel there")
+        kind = None if trained is None else ("trained" if trained else "frozen")
+        measured = MEASURED_AHEAD.get((device.type, kind))
+        if measured:
+            return HeadChoice(device.type, True, f"grpo_mel's head measured ahead of TRL's for a {kind} head: {measured}")
+        return HeadChoice(device.type, False, "TRL's fused head runs its Triton kernel there"
+                          + (f" (grpo_mel's not measured ahead of it for a {kind} head)" if kind else ""))
     return HeadChoice(device.type, True, "TRL's fused head would take its torch fallback there")
 
 
-def _ours_on(device: torch.device, flavour: TRLFlavour, options: Options) -> bool:
+def _ours_on(device: torch.device, flavour: TRLFlavour, options: Options, trained: bool) -> bool:
     """On TRL >= 1.15, whether this call goes through grpo_mel's head rather than TRL's fused one; the default
-    choice is logged once per device, naming why (an explicit ``override_fused_head`` needs no explanation)."""
-    choice = choose_head(flavour, options, device)
-    if options.override_fused_head is None and first_time(f"fused-head:{device.type}:{choice.ours}"):
+    choice is logged once per device and kind of head, naming why (an explicit ``override_fused_head`` needs no
+    explanation)."""
+    choice = choose_head(flavour, options, device, trained)
+    if options.override_fused_head is None and first_time(f"fused-head:{device.type}:{trained}:{choice.ours}"):
         if not choice.ours:
-            _LOG.warning("grpo_mel: keeping TRL's fused LM head on %s: TRL runs its Triton kernel there, measured "
-                         "faster than grpo_mel's head at a similar peak (docs/benchmarks.md, \"GPU results\"); "
-                         "patch_grpo(override_fused_head=True) routes through grpo_mel instead.", device.type)
+            _LOG.warning("grpo_mel: keeping TRL's fused LM head on %s for a %s head: TRL runs its Triton kernel "
+                         "there, and grpo_mel's head has not been measured ahead of it (docs/benchmarks.md, \"GPU "
+                         "results\"); patch_grpo(override_fused_head=True) routes through grpo_mel instead.",
+                         device.type, "trained" if trained else "frozen")
+        elif (device.type, "trained" if trained else "frozen") in MEASURED_AHEAD:
+            _LOG.info("grpo_mel: replacing TRL's fused LM head on %s: %s", device.type, choice.why)
         else:
             _LOG.info("grpo_mel: replacing TRL's fused LM head on %s: TRL takes its torch fallback there (no Triton "
                       "kernel), which peaks far above grpo_mel's chunked head (docs/benchmarks.md); "
                       "patch_grpo(override_fused_head=False) keeps TRL's.", device.type)
     return choice.ours
+
+
+def _trained(target) -> bool:
+    """Whether the call's LM head gets a gradient (W or b requires grad), as the frozen-head strategy decides it."""
+    return any(p.requires_grad for p in target.head.parameters(recurse=False))
 
 
 def _trl_runs_triton(device: torch.device) -> bool:

@@ -277,3 +277,30 @@ def test_fused_head_default_follows_trls_triton_path(tmp_path, monkeypatch, capl
         assert not msgs  # an explicit choice needs no explanation
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
     assert_grads_close(ga, gb)
+
+
+@pytest.mark.parametrize("entry", ["trained", "frozen"])
+def test_fused_head_default_follows_the_measured_table(tmp_path, monkeypatch, caplog, entry):
+    """Where TRL runs its Triton kernel, grpo_mel's head is used by default only for the kind of head (trained or
+    frozen) that _logps.MEASURED_AHEAD has measured ahead of TRL's, and the log line names that measurement. The
+    tiny trainer here trains its head, so only a "trained" entry routes it through grpo_mel."""
+    import logging
+
+    if not _trl_compat.detect().fused_head:
+        pytest.skip(f"TRL {trl.__version__} has no fused LM head")
+    monkeypatch.setattr(_logps, "_trl_runs_triton", lambda device: True)
+    monkeypatch.setattr(_logps, "MEASURED_AHEAD", {("cpu", entry): "suite run X, 0.7x TRL's time"})
+    tr = make_trainer(tmp_path)
+    inputs = generate(tr, generation_batch(tr, 1))
+    la, ga = loss_and_grads(tr, inputs)
+    reset_warnings()
+    with caplog.at_level(logging.INFO, logger="grpo_mel"):
+        with grpo_mel.grpo_patched(chunk_size=CHUNK), count_calls(_logps, "chunked_linear") as spy:
+            lb, gb = loss_and_grads(tr, inputs)
+    ours = entry == "trained"
+    assert (spy["n"] > 0) == ours
+    msgs = [r.getMessage() for r in caplog.records if "fused LM head" in r.getMessage()]
+    assert len(msgs) == 1, msgs
+    assert ("suite run X" in msgs[0]) == ours and ("keeping TRL's" in msgs[0]) != ours
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    assert_grads_close(ga, gb)

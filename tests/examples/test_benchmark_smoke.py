@@ -67,3 +67,13 @@ def test_bench_padding_tiny(tmp_path):
     got = {(float(r[0]) > 0, r[1].strip()): int(r[2]) for r in rows}  # (padded?, variant) -> rows through the head
     assert len(got) == 4 and got[True, "all rows"] == 128 and 0 < got[True, "skip"] < 128
     assert got[False, "skip"] == got[False, "all rows"] == 128
+
+
+def test_bench_compile_overhead_tiny():
+    """benchmarks/bench_compile_overhead.py runs (one batch of two calls per case) and reports both modes."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_compile_overhead.py"), "--repeats", "1",
+           "--calls", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if "per extra chunk" in line]
+    assert [line.split(":")[0].strip() for line in lines] == ["eager", "compiled"], proc.stdout

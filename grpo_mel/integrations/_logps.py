@@ -97,7 +97,7 @@ def choose_head(flavour: TRLFlavour, options: Options, device: torch.device | st
         return HeadChoice(device.type, options.override_fused_head,
                           f"override_fused_head={options.override_fused_head}")
     if _trl_runs_triton(device):
-        kind = None if trained is None else ("trained" if trained else "frozen")
+        kind = _head_kind(trained)
         measured = MEASURED_AHEAD.get((device.type, kind))
         if measured:
             return HeadChoice(device.type, True, f"grpo_mel's head measured ahead of TRL's for a {kind} head: {measured}")
@@ -112,18 +112,19 @@ def _ours_on(device: torch.device, flavour: TRLFlavour, options: Options, traine
     explanation)."""
     choice = choose_head(flavour, options, device, trained)
     if options.override_fused_head is None and first_time(f"fused-head:{device.type}:{trained}:{choice.ours}"):
-        if not choice.ours:
-            _LOG.warning("grpo_mel: keeping TRL's fused LM head on %s for a %s head: TRL runs its Triton kernel "
-                         "there, and grpo_mel's head has not been measured ahead of it (docs/benchmarks.md, \"GPU "
-                         "results\"); patch_grpo(override_fused_head=True) routes through grpo_mel instead.",
-                         device.type, "trained" if trained else "frozen")
-        elif (device.type, "trained" if trained else "frozen") in MEASURED_AHEAD:
-            _LOG.info("grpo_mel: replacing TRL's fused LM head on %s: %s", device.type, choice.why)
+        if choice.ours:
+            _LOG.info("grpo_mel: replacing TRL's fused LM head on %s: %s (docs/benchmarks.md); "
+                      "patch_grpo(override_fused_head=False) keeps TRL's.", device.type, choice.why)
         else:
-            _LOG.info("grpo_mel: replacing TRL's fused LM head on %s: TRL takes its torch fallback there (no Triton "
-                      "kernel), which peaks far above grpo_mel's chunked head (docs/benchmarks.md); "
-                      "patch_grpo(override_fused_head=False) keeps TRL's.", device.type)
+            _LOG.warning("grpo_mel: keeping TRL's fused LM head on %s: %s (docs/benchmarks.md, \"GPU results\"); "
+                         "patch_grpo(override_fused_head=True) routes through grpo_mel instead.", device.type,
+                         choice.why)
     return choice.ours
+
+
+def _head_kind(trained: bool | None) -> str | None:
+    """The key of :data:`MEASURED_AHEAD` for a head that is trained (W or b gets a gradient) or not; None: unknown."""
+    return None if trained is None else ("trained" if trained else "frozen")
 
 
 def _trained(target) -> bool:

@@ -31,12 +31,15 @@ _COMPILED: dict[Callable, Callable] = {}  # underlying function -> torch.compile
 _FAILED: dict[Callable, str] = {}  # underlying function -> why its compile failed (runs eagerly from then on)
 
 
-def compiled(fn: Callable) -> Callable:
+def compiled(fn: Callable, requested: bool = True) -> Callable:
     """``fn`` to run compiled per chunk; ``fn`` itself where it cannot be (a callable that is neither a Python
-    function nor a ``functools.partial`` of one), with one warning."""
+    function nor a ``functools.partial`` of one), with one warning where the caller asked for compile
+    (``requested``; without it, compile is only the device's default and the eager ``fn`` is its tested
+    alternative)."""
     base, args, kwargs = _unwrap(fn)
     if not isinstance(base, types.FunctionType):
-        _warn_once(base, f"{type(fn).__name__} is not a Python function or a functools.partial of one")
+        if requested:
+            _warn_once(base, f"{type(fn).__name__} is not a Python function or a functools.partial of one")
         return fn
     return _CompiledCall(fn, base, args, kwargs)
 

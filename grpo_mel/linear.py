@@ -196,13 +196,15 @@ def chunked_linear(
     X2 = X.reshape(-1, X.shape[-1])
     n = X2.shape[0]
     flat_args = tuple(a.reshape(n, *a.shape[len(lead):]) for a in row_args)
-    use_compile = default_compile(X.device) if compile is None else compile
     grad_follows = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (X2, weight, bias, *flat_args))
+    use_compile = default_compile(X.device, n, weight.shape[0], grad_follows) if compile is None else compile
+    run_fn = compiled(fn, requested=compile is not None) if use_compile else fn
     trained = grad_follows and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    head = Head(X.shape[-1], weight.dtype, gemm_dtype_of(X2, weight, bias), trained, use_compile)
+    # the chunk is planned for the f that will run: an f that cannot be compiled runs (and is planned) eagerly
+    head = Head(X.shape[-1], weight.dtype, gemm_dtype_of(X2, weight, bias), trained, run_fn is not fn)
     chunk = plan_chunk_size(n, weight.shape[0], X.dtype, X.device, chunk_size, memory_budget, head=head)
-    opts = Options(fn=compiled(fn) if use_compile else fn, chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input),
+    opts = Options(fn=run_fn, chunk_size=chunk, reduction=reduction, fp32_grad_input=bool(fp32_grad_input),
                    grad_follows=grad_follows)
     outs = _apply(opts, X2, weight, bias, *flat_args)
     outs = tuple(o if o.dim() == 0 else o.view(*lead, *o.shape[1:]) for o in outs)

@@ -17,9 +17,9 @@ accumulator, and each chunk has its kernel launches and Python. :func:`rows_for_
 device's :class:`DeviceModel` against a row's own cost (its GEMM FLOPs and its passes over ``[V]``) and asks
 for the rows that make the fixed cost at most :data:`FIXED_COST_SHARE` of a chunk's time. The planner takes
 the fewer of those rows and the rows the memory budget allows, where the default budget counts what the call
-holds anyway: at least :data:`WEIGHT_SHARE` of W's own size (the call cannot run without W; a trained head holds
-a float32 ``[V, H]`` accumulator besides), so a large head gets chunks large enough for its fixed cost while the
-peak keeps its order. docs/design.md, "Planning a chunk", has the model, its constants and how they were
+holds anyway: what the call adds (the chunk term and the ``[N, H]`` dX it fills) may reach :data:`WEIGHT_SHARE` of
+W's own size (the call cannot run without W; a trained head holds a float32 ``[V, H]`` accumulator besides), so a
+large head gets chunks large enough for its fixed cost while the peak keeps its order. docs/design.md, "Planning a chunk", has the model, its constants and how they were
 measured.
 """
 
@@ -83,9 +83,26 @@ def validate_compile(compile) -> None:
         raise TypeError(f"compile must be True, False or None (the device's measured default), got {compile!r}")
 
 
-def default_compile(device: torch.device | str) -> bool:
-    """Whether f runs compiled per chunk when the caller does not say (docs/benchmarks.md, "Compiled chunks")."""
-    return False
+#: On the CPU, a call whose logits would hold at least this many elements (N·V) and that will be differentiated runs
+#: f compiled by default: measured at the 1B head (H=2048, V=128256, fp32, log-probs, the planner's chunk), compile
+#: saved 0.8 s (frozen) per call at N=2048 and 2.5 s (frozen) to 5.1 s (trained) at N=4096, so its one-off 5–20 s
+#: is paid back within tens of calls; at N·V ≤ 1024 × 128256 and at the reference shape (2048 × 32000) the gain was
+#: within the spread or ~0.06 s, hundreds of calls. The threshold lies between those shapes (docs/benchmarks.md,
+#: "Compiled chunks").
+COMPILE_MIN_LOGITS = 2 * 10**8
+
+
+def default_compile(device: torch.device | str, n_rows: int = 0, vocab_size: int = 0,
+                    grad_follows: bool = True) -> bool:
+    """Whether f runs compiled per chunk when the caller does not say (docs/benchmarks.md, "Compiled chunks").
+
+    On the CPU: where a backward will follow and the call's logits would hold at least :data:`COMPILE_MIN_LOGITS`
+    elements (what was measured to pay back the compile). On CUDA: False (compiled chunks are unmeasured there;
+    the GPU suite times them).
+    """
+    if torch.device(device).type != "cpu" or not grad_follows:
+        return False
+    return n_rows * vocab_size >= COMPILE_MIN_LOGITS
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -108,8 +125,9 @@ def bytes_per_row(vocab_size: int, dtype: torch.dtype, compiled: bool = False) -
 
 #: The share of a chunk's time its fixed cost may take (docs/design.md, "Planning a chunk").
 FIXED_COST_SHARE = 0.04
-#: With the head known, the default budget is at least this share of W's own size: the call holds W anyway (and a
-#: trained head its float32 accumulator as well), so a chunk term of half of it leaves the peak's order as it was.
+#: With the head known, what the call adds (the chunk term and the [N, H] dX) may reach this share of W's own size:
+#: the call holds W anyway (and a trained head its float32 accumulator as well), so half of it leaves the peak's
+#: order as it was.
 WEIGHT_SHARE = 0.5
 
 
@@ -190,7 +208,7 @@ def plan_chunk_size(
         chunk_size: a fixed row count (>= 1); wins over ``memory_budget``. May exceed ``n_rows``.
         memory_budget: bytes the per-chunk working set may use; None picks
             :func:`default_memory_budget`, or with ``head`` the larger of that and :data:`WEIGHT_SHARE` of W's
-            size.
+            size less the ``[N, H]`` dX the call fills (counted at 4 bytes an element).
         head: the head's shape and training state: the rows are then also at most :func:`rows_for_time`'s
             (none are spent beyond what makes the fixed cost a small share), and the memory model counts a
             compiled f's buffers. None: the memory budget alone (eager f).
@@ -206,7 +224,10 @@ def plan_chunk_size(
     if memory_budget is None:
         memory_budget = default_memory_budget(torch.device(device))
         if head is not None:
-            memory_budget = max(memory_budget, int(WEIGHT_SHARE * head.weight_bytes(vocab_size)))
+            # what the call adds beyond what it holds anyway (W; a trained head's float32 accumulator): the chunk
+            # term and the [N, H] dX it fills (float32 at most), half of W's size in all
+            own = int(WEIGHT_SHARE * head.weight_bytes(vocab_size)) - int(n_rows) * head.hidden * 4
+            memory_budget = max(memory_budget, own)
     compiled = head is not None and head.compiled
     rows = int(memory_budget // max(bytes_per_row(vocab_size, dtype, compiled), 1))
     if head is not None:

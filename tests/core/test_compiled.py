@@ -202,3 +202,65 @@ def test_inside_a_callers_torch_compile():
         got[side] = (out.detach(), *torch.autograd.grad(out, [Xs, Ws]))
     for a, e in zip(got["compiled"], got["eager"]):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def _spy_compiled_calls(monkeypatch) -> list:
+    """Record every call of a compiled f (grpo_mel._compiled._CompiledCall)."""
+    calls = []
+    real = compiled_mod._CompiledCall.__call__
+
+    def spy(self, z, *row_args):
+        calls.append(z.shape[0])
+        return real(self, z, *row_args)
+
+    monkeypatch.setattr(compiled_mod._CompiledCall, "__call__", spy)
+    return calls
+
+
+def test_the_default_compiles_differentiated_calls_from_the_measured_size_on(monkeypatch):
+    """``compile=None`` on the CPU: f runs compiled where a backward follows and N·V reaches
+    ``COMPILE_MIN_LOGITS`` (lowered here to this test's size), eagerly below it and under ``no_grad``; the planner
+    plans the chunk for the f that runs; the numbers are the eager call's."""
+    import grpo_mel.planning as planning
+
+    X, W, _b, labels = make_inputs((40,), H, V, seed=11)
+    W.requires_grad_(False)
+    monkeypatch.setattr(planning, "COMPILE_MIN_LOGITS", 40 * V)
+    calls = _spy_compiled_calls(monkeypatch)
+    got = {}
+    for comp in (None, False):
+        Xs = leaf_clone(X)
+        out = linear_token_logprobs(Xs, W, labels, compile=comp)
+        got[comp] = (out.detach(), torch.autograd.grad(out.sum(), Xs)[0])
+    assert calls, "the default did not compile at the threshold"
+    for a, e in zip(got[None], got[False]):
+        assert_close_fp32(a, e, rtol=1e-5, atol=1e-6, what="default vs eager")
+    calls.clear()
+    linear_token_logprobs(leaf_clone(X)[:39], W, labels[:39])  # one row under the threshold
+    with torch.no_grad():
+        linear_token_logprobs(X, W, labels)  # no backward follows
+    assert calls == []
+
+
+def test_the_default_runs_a_callable_object_eagerly_without_a_warning(monkeypatch):
+    """A default compile (not asked for) of an f that cannot be compiled: eager, planned as eager, no warning (asked
+    for with ``compile=True`` it warns: the test above)."""
+    import grpo_mel.planning as planning
+
+    monkeypatch.setattr(compiled_mod, "_WARNED", set())
+    monkeypatch.setattr(planning, "COMPILE_MIN_LOGITS", 1)
+
+    class Recorder:
+        rows: list = []
+
+        def __call__(self, z, labels):
+            self.rows.append(z.shape[0])
+            return G.token_logprobs(z, labels)
+
+    X, W, _b, labels = make_inputs((64,), H, V, seed=12)
+    f = Recorder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = chunked_linear(leaf_clone(X), leaf_clone(W), f, labels, memory_budget=20 * V * 16)
+    assert f.rows[-1] == 20  # the eager model: 4 + 3·4 bytes per logit of a row, not the compiled 4 + 4
+    torch.testing.assert_close(out.detach(), ref_token_logprobs(upcast(X @ W.T), labels), rtol=1e-5, atol=1e-6)

@@ -175,13 +175,18 @@ def test_rows_for_time_from_the_device_model():
 
 
 def test_head_plan_is_the_fewer_of_time_and_memory_rows():
-    v = 128256
+    v, n = 128256, 4096
     for trained, compiled in [(True, False), (False, False), (True, True), (False, True)]:
         head = _head(2048, trained, compiled)
-        budget = max(planning.DEFAULT_CPU_BUDGET_BYTES, int(0.5 * v * 2048 * 4))  # half of W (fp32)
+        # half of W (fp32), less the [N, H] float32 dX the call fills
+        budget = max(planning.DEFAULT_CPU_BUDGET_BYTES, int(0.5 * v * 2048 * 4) - n * 2048 * 4)
         mem_rows = budget // bytes_per_row(v, torch.float32, compiled)
         want = min(mem_rows, planning.rows_for_time(v, head, "cpu"))
-        assert plan_chunk_size(10**6, v, torch.float32, "cpu", head=head) == want
+        assert plan_chunk_size(n, v, torch.float32, "cpu", head=head) == want
+        # where dX alone would reach half of W, the device's default budget decides
+        assert plan_chunk_size(10**6, v, torch.float32, "cpu", head=head) == min(
+            planning.DEFAULT_CPU_BUDGET_BYTES // bytes_per_row(v, torch.float32, compiled),
+            planning.rows_for_time(v, head, "cpu"))
         # an explicit budget is the memory bound, the time rows still cap it
         assert plan_chunk_size(10**6, v, torch.float32, "cpu", memory_budget=10**12, head=head) == \
             planning.rows_for_time(v, head, "cpu")
@@ -202,3 +207,19 @@ def test_head_plan_keeps_the_reference_shape_and_grows_chunks_at_large_w():
 def test_compiled_rows_cost_less():
     assert bytes_per_row(1000, torch.float32, compiled=True) == 1000 * (4 + 4)
     assert bytes_per_row(1000, torch.bfloat16, compiled=True) == 1000 * (2 + 4)
+
+
+def test_default_compile_from_the_measured_size_on_the_cpu_only():
+    """Compiled by default on the CPU where a backward follows and N·V reaches COMPILE_MIN_LOGITS (between the
+    largest shape measured without a gain and the smallest measured with one: docs/benchmarks.md, "Compiled
+    chunks"); never by default on CUDA (unmeasured) or without a backward."""
+    from grpo_mel.planning import COMPILE_MIN_LOGITS, default_compile
+
+    assert 1024 * 128256 < COMPILE_MIN_LOGITS <= 2048 * 128256
+    assert default_compile("cpu", 2048, 128256)
+    assert default_compile(torch.device("cpu"), 4096, 128256, grad_follows=True)
+    assert not default_compile("cpu", 1024, 128256)
+    assert not default_compile("cpu", 2048, 32000)  # the reference shape
+    assert not default_compile("cpu", 4096, 128256, grad_follows=False)
+    assert not default_compile("cuda", 4096, 128256)
+    assert not default_compile("cpu")

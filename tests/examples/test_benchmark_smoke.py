@@ -77,3 +77,16 @@ def test_bench_compile_overhead_tiny():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if "per extra chunk" in line]
     assert [line.split(":")[0].strip() for line in lines] == ["eager", "compiled"], proc.stdout
+
+
+def test_bench_gemm_chunks_tiny_with_naive():
+    """benchmarks/bench_gemm_chunks.py --naive runs at a tiny shape and reports the naive head and, per row count,
+    both GEMMs as a share of it."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_gemm_chunks.py"), "--tokens", "64", "--hidden",
+           "32", "--vocab", "500", "--chunks", "16", "--repeats", "1", "--naive"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "naive frozen head" in proc.stdout, proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("rows")]
+    assert [int(line.split(":")[0].split()[1]) for line in rows] == [64, 16], proc.stdout
+    assert all("both / naive head" in line for line in rows), proc.stdout

@@ -182,8 +182,9 @@ def chunked_linear(
             float32.
         compile: run ``fn`` and its autograd backward through ``torch.compile`` (Inductor) per chunk, fused
             kernels with fewer ``[c, V]`` buffers (docs/design.md, "Compiled chunks"); a compile failure runs
-            ``fn`` eagerly with one warning. None: the measured default for X's device
-            (:func:`grpo_mel.planning.default_compile`).
+            ``fn`` eagerly with one warning. None: the measured default for X's device and the call's size
+            (:func:`grpo_mel.planning.default_compile`: on the CPU, compiled where a backward follows and N·V
+            reaches 2·10⁸; an ``fn`` that cannot be compiled then runs eagerly without a warning).
 
     Returns:
         A tensor (or tuple) with per-row outputs shaped ``X.shape[:-1] + trailing``, scalars 0-dim.

@@ -27,9 +27,9 @@ class Options:
             keeps TRL's, None (default) decides per device (see :func:`grpo_mel.patch_grpo`). A bool or None only.
         compile: True runs each chunk's f (log-probs and entropy; the SFT loss under :func:`patch_causal_lm`) and
             its autograd backward through ``torch.compile`` (Inductor), False eagerly; None (default) takes the
-            measured default for the device (:func:`grpo_mel.planning.default_compile`). Only grpo_mel's own chunk
-            is compiled, never the model; a compile failure runs the chunk eagerly, with one warning. A bool or
-            None only.
+            measured default for the device and the call's size (:func:`grpo_mel.planning.default_compile`). Only
+            grpo_mel's own chunk is compiled, never the model; a compile failure runs the chunk eagerly, with one
+            warning. A bool or None only.
     """
 
     chunk_size: int | None = None

@@ -19,8 +19,8 @@ for the rows that make the fixed cost at most :data:`FIXED_COST_SHARE` of a chun
 the fewer of those rows and the rows the memory budget allows, where the default budget counts what the call
 holds anyway: what the call adds (the chunk term and the ``[N, H]`` dX it fills) may reach :data:`WEIGHT_SHARE` of
 W's own size (the call cannot run without W; a trained head holds a float32 ``[V, H]`` accumulator besides), so a
-large head gets chunks large enough for its fixed cost while the peak keeps its order. docs/design.md, "Planning a chunk", has the model, its constants and how they were
-measured.
+large head gets chunks large enough for its fixed cost while the peak keeps its order. docs/design.md, "Planning a
+chunk", has the model, its constants and how they were measured.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def validate_memory_budget(memory_budget) -> None:
 def validate_compile(compile) -> None:
     """Raise unless ``compile`` is None (the device's default) or a bool."""
     if compile is not None and not isinstance(compile, bool):
-        raise TypeError(f"compile must be True, False or None (the device's measured default), got {compile!r}")
+        raise TypeError(f"compile must be True, False or None (the measured default), got {compile!r}")
 
 
 #: On the CPU, a call whose logits would hold at least this many elements (N·V) and that will be differentiated runs

@@ -32,7 +32,8 @@ def patch_grpo(options: Options | None = None, *, trainer_cls: type | None = Non
             where TRL runs its Triton kernel (CUDA/XPU with Triton), measured faster there
             (docs/benchmarks.md, "GPU results"), and grpo_mel's everywhere else, where TRL takes its torch
             fallback; the choice is logged once per device, naming why), ``compile`` (True / False: each chunk's
-            f and its backward through ``torch.compile``, or eager; None: the device's measured default).
+            f and its backward through ``torch.compile``, or eager; None: the measured default for the device and
+            the call's size).
 
     Returns a :class:`~grpo_mel.integrations.PatchSummary` (also logged at INFO): what was patched and which head
     each device type uses, and why. Idempotent: a second call only updates the options. Raises

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import grpo_mel._compiled as compiled_mod
+import grpo_mel.planning as planning
 from grpo_mel import chunked_linear, linear_cross_entropy, linear_token_logprobs, token_logprobs_and_entropy
 from grpo_mel import functions as G
 
@@ -221,8 +222,6 @@ def test_the_default_compiles_differentiated_calls_from_the_measured_size_on(mon
     """``compile=None`` on the CPU: f runs compiled where a backward follows and N·V reaches
     ``COMPILE_MIN_LOGITS`` (lowered here to this test's size), eagerly below it and under ``no_grad``; the planner
     plans the chunk for the f that runs; the numbers are the eager call's."""
-    import grpo_mel.planning as planning
-
     X, W, _b, labels = make_inputs((40,), H, V, seed=11)
     W.requires_grad_(False)
     monkeypatch.setattr(planning, "COMPILE_MIN_LOGITS", 40 * V)
@@ -245,13 +244,12 @@ def test_the_default_compiles_differentiated_calls_from_the_measured_size_on(mon
 def test_the_default_runs_a_callable_object_eagerly_without_a_warning(monkeypatch):
     """A default compile (not asked for) of an f that cannot be compiled: eager, planned as eager, no warning (asked
     for with ``compile=True`` it warns: the test above)."""
-    import grpo_mel.planning as planning
-
     monkeypatch.setattr(compiled_mod, "_WARNED", set())
     monkeypatch.setattr(planning, "COMPILE_MIN_LOGITS", 1)
 
     class Recorder:
-        rows: list = []
+        def __init__(self):
+            self.rows = []
 
         def __call__(self, z, labels):
             self.rows.append(z.shape[0])
